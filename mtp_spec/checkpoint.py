@@ -1,0 +1,385 @@
+"""Hugging Face checkpoint I/O in DeepSeek's own layout.
+
+`config.json` + `model.safetensors` or shards with `model.safetensors.index.json`. FP8 projections
+are e4m3 with a float32 `<name>_scale_inv` sibling of shape (ceil(out/128), ceil(in/128)); every
+other tensor is BF16 (F32 for `e_score_correction_bias`). The MTP layer sits at `model.layers.{n}`.
+Loading is safetensors-only (no pickle, no remote code) and lazy: one tensor is read at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mtp_spec.config import ModelArgs
+from mtp_spec.kernels import FP8, weight_dequant_ref, weight_quant_ref
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+SCALE = "_scale_inv"
+FP8_MODULES = {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+               "gate_proj", "up_proj", "down_proj"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+# --- names: ours <-> HF ----------------------------------------------------------------------
+_BLOCK = [  # (ours, HF) within a decoder block
+    ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+    ("attn.wq", "self_attn.q_proj"), ("attn.wq_a", "self_attn.q_a_proj"),
+    ("attn.q_norm", "self_attn.q_a_layernorm"), ("attn.wq_b", "self_attn.q_b_proj"),
+    ("attn.wkv_a", "self_attn.kv_a_proj_with_mqa"), ("attn.kv_norm", "self_attn.kv_a_layernorm"),
+    ("attn.wkv_b", "self_attn.kv_b_proj"), ("attn.wo", "self_attn.o_proj"),
+    ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"), ("ffn.gate", "mlp.gate"),
+    ("ffn.shared_experts", "mlp.shared_experts"), ("ffn.experts", "mlp.experts"), ("ffn", "mlp"),
+    ("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"),
+]
+_MTP_OWN = [("embed", "embed_tokens"), ("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+            ("head_norm", "shared_head.norm"), ("head", "shared_head.head")]
+
+
+def _rename(rest: str, table: list[tuple[str, str]], forward: bool) -> str:
+    # forward: ours -> HF. Rename component by component, longest match first.
+    out, src = [], rest
+    pairs = table if forward else [(b, a) for a, b in table]
+    while src:
+        for a, b in pairs:
+            if src == a or src.startswith(a + "."):
+                out.append(b)
+                src = src[len(a) + 1:]
+                break
+        else:
+            head, _, src = src.partition(".")
+            out.append(head)
+    return ".".join(out)
+
+
+def to_hf_name(name: str, args: ModelArgs) -> str:
+    """Our parameter name -> the checkpoint's tensor name."""
+    if name == "embed.weight":
+        return "model.embed_tokens.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    if name == "head.weight":
+        return "lm_head.weight"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        return f"model.layers.{m[1]}.{_rename(m[2], _BLOCK, True)}"
+    m = re.fullmatch(r"mtp\.layers\.(\d+)\.(.+)", name)
+    if m:
+        i = args.n_layers + int(m[1])
+        if m[2].startswith("block."):
+            return f"model.layers.{i}.{_rename(m[2][6:], _BLOCK, True)}"
+        return f"model.layers.{i}.{_rename(m[2], _MTP_OWN, True)}"
+    raise KeyError(f"no checkpoint name for parameter '{name}'")
+
+
+def from_hf_name(name: str, args: ModelArgs) -> str:
+    """The checkpoint's tensor name -> our parameter name (the inverse of to_hf_name)."""
+    fixed = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "head.weight"}
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if not m:
+        raise KeyError(name)
+    i, rest = int(m[1]), m[2]
+    if i < args.n_layers:
+        return f"layers.{i}.{_rename(rest, _BLOCK, False)}"
+    k = i - args.n_layers
+    own = _rename(rest, _MTP_OWN, False)
+    if own.split(".")[0] in {a for a, _ in _MTP_OWN}:
+        return f"mtp.layers.{k}.{own}"
+    return f"mtp.layers.{k}.block.{_rename(rest, _BLOCK, False)}"
+
+
+def is_fp8_tensor(hf_name: str) -> bool:
+    """True for the projections DeepSeek stores in e4m3 with block scales."""
+    parts = hf_name.split(".")
+    return parts[-1] == "weight" and len(parts) > 1 and parts[-2] in FP8_MODULES
+
+
+def expected_tensors(args: ModelArgs, part: str = "all") -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and shapes that a model with these args has (scales excluded).
+    part: "all", "main" or "mtp"."""
+    from mtp_spec.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args, max_len=2, main=part in ("all", "main"), mtp=part in ("all", "mtp"))
+    return {to_hf_name(n, args): tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (-(-shape[0] // 128), -(-shape[1] // 128))
+
+
+# --- reading --------------------------------------------------------------------------------------
+class CheckpointReader:
+    """Lazy access to the tensors of a checkpoint directory, single-file or sharded."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a checkpoint directory")
+        index = self.path / INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not (self.path / f).exists():
+                    who = next(k for k, v in weight_map.items() if v == f)
+                    raise CheckpointError(f"{index}: points tensor '{who}' to missing file '{f}'")
+        elif (self.path / SINGLE).exists():
+            files, weight_map = [SINGLE], None
+        else:
+            raise CheckpointError(f"{self.path}: neither {SINGLE} nor {INDEX} found")
+        self.files = files
+        self._handles: dict[str, object] = {}
+        self.where: dict[str, str] = {}
+        for f in files:
+            for k in self._open(f).keys():
+                self.where[k] = f
+        if weight_map is not None:
+            for k, f in weight_map.items():
+                if self.where.get(k) != f:
+                    found = self.where.get(k)
+                    raise CheckpointError(f"{index}: tensor '{k}' is mapped to '{f}' but "
+                                          + (f"found in '{found}'" if found else "is in no shard"))
+
+    def _open(self, f: str):
+        if f not in self._handles:
+            p = self.path / f
+            _check_safetensors_file(p)
+            try:
+                self._handles[f] = safe_open(str(p), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{p}: corrupt safetensors file ({e})") from None
+        return self._handles[f]
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where.get(name)
+        if f is None:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
+        try:
+            return self._open(f).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{self.path / f}: cannot read tensor '{name}' ({e})") from None
+
+    def dtype_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
+        sl = self._open(self.where[name]).get_slice(name)
+        return sl.get_dtype(), tuple(sl.get_shape())
+
+
+def _check_safetensors_file(p: Path) -> None:
+    """Catch truncation before safetensors does, so the error names the file and the tensor."""
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{p}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{p}: corrupt safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{p}: corrupt safetensors header (not JSON)") from None
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        end = info.get("data_offsets", [0, 0])[1]
+        if 8 + n + end > size:
+            raise CheckpointError(f"{p}: truncated: tensor '{name}' ends at byte {8 + n + end}, "
+                                  f"file has {size}")
+
+
+_DTYPE_NAMES = {"F8_E4M3": "float8_e4m3fn", "BF16": "bfloat16", "F32": "float32", "F16": "float16"}
+
+
+def validate(reader: CheckpointReader, args: ModelArgs, part: str = "all") -> dict[str, tuple[int, ...]]:
+    """Check names, shapes, dtypes and scales against the config; raise naming the first fault."""
+    want = expected_tensors(args, part)
+    have = set(reader.keys())
+    missing = [k for k in want if k not in have]
+    if missing:
+        raise CheckpointError(f"{reader.path}: missing tensor '{missing[0]}'"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    allowed = set(want) | {k + SCALE for k in want if is_fp8_tensor(k)}
+    if part == "all":
+        unexpected = [k for k in have if k not in allowed]
+        if unexpected:
+            raise CheckpointError(f"{reader.path / reader.where[unexpected[0]]}: unexpected tensor "
+                                  f"'{unexpected[0]}' (not in a model with this config.json)")
+    for name, shape in want.items():
+        dt, sh = reader.dtype_shape(name)
+        where = reader.path / reader.where[name]
+        if sh != shape:
+            raise CheckpointError(f"{where}: tensor '{name}' has shape {list(sh)}, expected {list(shape)}")
+        if dt not in _DTYPE_NAMES:
+            raise CheckpointError(f"{where}: tensor '{name}' has unsupported dtype {dt}")
+        if dt == "F8_E4M3":
+            if not is_fp8_tensor(name):
+                raise CheckpointError(f"{where}: tensor '{name}' is F8_E4M3 but DeepSeek keeps it in BF16/F32")
+            sname = name + SCALE
+            if sname not in have:
+                raise CheckpointError(f"{where}: fp8 tensor '{name}' has no scale '{sname}'")
+            sdt, ssh = reader.dtype_shape(sname)
+            if sdt != "F32" or ssh != scale_shape(shape):
+                raise CheckpointError(f"{reader.path / reader.where[sname]}: scale '{sname}' is {sdt} "
+                                      f"{list(ssh)}, expected F32 {list(scale_shape(shape))}")
+        elif args.fp8 and is_fp8_tensor(name):
+            raise CheckpointError(f"{where}: tensor '{name}' is {dt}, but config.json's quantization_config "
+                                  "says FP8 (convert with `mtp-spec convert --to bf16`, which fixes config.json)")
+    return want
+
+
+def load_state(model: torch.nn.Module, reader: CheckpointReader, args: ModelArgs, dtype: torch.dtype,
+               device: torch.device | str, keep_fp8: bool = False) -> None:
+    """Fill the (meta or allocated) model's parameters one tensor at a time."""
+    from mtp_spec.model.layers import Linear
+
+    modules = dict(model.named_modules())
+    for pname in [n for n, _ in model.named_parameters()]:
+        hf = to_hf_name(pname, args)
+        t = reader.get(hf)
+        mod_name, _, attr = pname.rpartition(".")
+        mod = modules[mod_name]
+        if t.dtype == FP8:
+            scale = reader.get(hf + SCALE)
+            if keep_fp8 and isinstance(mod, Linear):
+                mod.weight = torch.nn.Parameter(t.to(device), requires_grad=False)
+                mod.scale = scale.to(device)
+                continue
+            t = weight_dequant_ref(t, scale)
+        keep = torch.float32 if attr == "bias" else dtype  # the router bias stays fp32, as in DeepSeek
+        setattr(mod, attr, torch.nn.Parameter(t.to(device=device, dtype=keep), requires_grad=False))
+        del t
+
+
+# --- writing --------------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def hf_state_dict(model: torch.nn.Module, args: ModelArgs) -> dict[str, torch.Tensor]:
+    return {to_hf_name(n, args): p.detach() for n, p in model.named_parameters()}
+
+
+def quantize_state(state: dict[str, torch.Tensor], fp8: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors as DeepSeek stores them: FP8 projections with scales, the rest in `dtype` (bias fp32)."""
+    for name, t in state.items():
+        if fp8 and is_fp8_tensor(name) and t.dim() == 2:
+            q, s = weight_quant_ref(t)
+            yield name, q
+            yield name + SCALE, s
+        elif name.endswith("e_score_correction_bias"):
+            yield name, t.float().contiguous()
+        else:
+            yield name, t.to(dtype).contiguous()
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], args: ModelArgs, path: str | os.PathLike,
+                     dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 4 << 30,
+                     extra_files: dict[str, str] | None = None) -> Path:
+    """Write config.json, shards (+ index when there are several) atomically: into a temp dir, then rename.
+    `state` holds HF names and float tensors; FP8 quantisation follows args.fp8."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in quantize_state(state, args.fp8, dtype):
+            nb = t.numel() * t.element_size()
+            if shards[-1] and size + nb > max_shard_bytes and not name.endswith(SCALE):
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nb
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, sh in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):06d}.safetensors"
+                save_file(sh, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in sh})
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                 "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        args.save(tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def convert_to_bf16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """DeepSeek's fp8_cast_bf16: dequantise every FP8 tensor, drop the scales, keep the shard names,
+    and also fix config.json (no quantization_config, torch_dtype bfloat16) and copy tokenizer files."""
+    src, dst = Path(src), Path(dst)
+    args = ModelArgs.from_file(src)
+    reader = CheckpointReader(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:
+        weight_map, total = {}, 0
+        for f in reader.files:
+            out = {}
+            for name in [k for k, v in reader.where.items() if v == f]:
+                if name.endswith(SCALE):
+                    continue
+                t = reader.get(name)
+                if t.dtype == FP8:
+                    if name + SCALE not in reader:
+                        raise CheckpointError(f"{src / f}: fp8 tensor '{name}' has no scale '{name}{SCALE}'")
+                    t = weight_dequant_ref(t, reader.get(name + SCALE)).to(torch.bfloat16)
+                out[name] = t.contiguous()
+                total += t.numel() * t.element_size()
+            save_file(out, str(tmp / f), metadata={"format": "pt"})
+            weight_map.update({k: f for k in out})
+        if len(reader.files) > 1 or (src / INDEX).exists():
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                 "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        args.with_(fp8=False, torch_dtype="bfloat16").save(tmp)
+        for fname in TOKENIZER_FILES:
+            if (src / fname).exists():
+                shutil.copy(src / fname, tmp / fname)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

@@ -1,0 +1,265 @@
+"""`mtp-spec generate | convert | init-random`.
+
+`generate --json` prints one JSON object per prompt with these keys (a public, stable contract):
+text, token_ids (generated only), num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_pos,
+tokens_per_s, strategy, k. Extra keys may be added; these will not change meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+STRATEGIES = ("vanilla", "mtp", "mtp-tree", "ngram", "draft-model")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def shipped_model_dir() -> Path:
+    return Path(__file__).parent / "assets" / "model"
+
+
+def default_model() -> Path:
+    """The shipped model, or, until one ships, a random tiny checkpoint written once to a cache dir."""
+    if (shipped_model_dir() / "config.json").exists():
+        return shipped_model_dir()
+    home = Path(os.environ.get("MTP_SPEC_HOME", Path.home() / ".cache" / "mtp-spec"))
+    path = home / "tiny-random-v1"
+    if not (path / "config.json").exists():
+        from mtp_spec.random_model import write_random_checkpoint
+        from mtp_spec.tokenizer import write_byte_tokenizer
+
+        write_random_checkpoint(path, "tiny", seed=0)
+        write_byte_tokenizer(path)
+    print(f"[mtp-spec] no shipped model: using the random tiny checkpoint {path} (its text is noise)",
+          file=sys.stderr)
+    return path
+
+
+def make_proposer(strategy: str, model, k: int, tree_width: int = 2, draft_model: str | None = None,
+                  ngram_max: int = 3, device="cpu", dtype=None, sample_drafts: bool = True):
+    from mtp_spec.decoding import proposers as P
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    if strategy == "vanilla":
+        return P.Proposer()
+    if strategy == "mtp":
+        return P.MTPProposer(model, k, sample_drafts=sample_drafts)
+    if strategy == "mtp-tree":
+        return P.MTPTreeProposer(model, k, tree_width)
+    if strategy == "ngram":
+        return P.NGramProposer(k, n_max=ngram_max)
+    if draft_model is None:
+        raise ValueError("strategy 'draft-model' needs --draft-model DIR")
+    import mtp_spec
+
+    draft = mtp_spec.load(draft_model, device=device, dtype=dtype, part="main", max_len=model.max_len)
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise ValueError(f"--draft-model {draft_model}: vocab_size {draft.args.vocab_size} differs from the "
+                         f"target's {model.args.vocab_size}; the draft must share the tokenizer")
+    return P.DraftModelProposer(draft, k, sample_drafts=sample_drafts)
+
+
+def _prompts(a, tok) -> list[list[int]]:
+    texts: list = []
+    if a.prompt_text:
+        texts.append(a.prompt_text)
+    texts += a.prompt or []
+    if a.prompt_file:
+        p = Path(a.prompt_file)
+        if not p.exists():
+            raise ValueError(f"--prompt-file {p}: no such file")
+        if p.suffix == ".jsonl":
+            for n, line in enumerate(p.read_text().splitlines(), 1):
+                if line.strip():
+                    rec = json.loads(line)
+                    if "messages" in rec:
+                        texts.append(rec["messages"])
+                    elif "prompt" in rec:
+                        texts.append(rec["prompt"])
+                    else:
+                        raise ValueError(f"{p}:{n}: record has neither 'prompt' nor 'messages'")
+        else:
+            texts.append(p.read_text())
+    if a.prompt_ids:
+        try:
+            return [[int(x) for x in a.prompt_ids.split(",") if x.strip()]]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
+    if not texts:
+        raise ValueError("give a prompt: PROMPT, --prompt, --prompt-file or --prompt-ids")
+    if tok is None:
+        raise ValueError(f"{a.model}: no tokenizer.json; pass token ids with --prompt-ids")
+    out = []
+    for t in texts:
+        if a.chat or isinstance(t, list):
+            out.append(tok.chat(t if isinstance(t, list) else [{"role": "user", "content": t}]))
+        else:
+            out.append(tok.encode(t))
+    return out
+
+
+def cmd_generate(a) -> int:
+    import mtp_spec
+    from mtp_spec.decoding.engine import Engine
+    from mtp_spec.decoding.sampling import SamplingParams
+    from mtp_spec.decoding.verify import Relaxed
+    from mtp_spec.tokenizer import load_tokenizer
+
+    a.model = a.model or default_model()
+    dtype = None if a.dtype == "auto" else DTYPES[a.dtype]
+    tok = load_tokenizer(a.model)
+    prompts = _prompts(a, tok)
+    need = max(len(p) for p in prompts) + a.max_new_tokens + a.k * max(a.tree_width, 1) + 2
+    model = mtp_spec.load(a.model, device=a.device, dtype=dtype, max_len=max(need, 256),
+                          keep_fp8=None if a.fp8_path == "auto" else a.fp8_path == "fp8",
+                          mtp_hidden=a.mtp_hidden)
+    strategy = a.strategy or ("mtp" if model.mtp is not None else "vanilla")
+    proposer = make_proposer(strategy, model, a.k, a.tree_width, a.draft_model, a.ngram_max, a.device, dtype)
+    relaxed = None
+    if a.relaxed:
+        top_n, delta = a.relaxed.split(",")
+        relaxed = Relaxed(int(top_n), float(delta))
+    sp = SamplingParams(a.temperature, a.top_k, a.top_p)
+    eos = tok.eos_id if tok is not None else model.args.eos_token_id
+    stream = not a.json and len(prompts) == 1 and tok is not None
+    printed: list[int] = []
+
+    def on_tokens(i, ids):
+        before = tok.decode(printed)
+        printed.extend(ids)
+        sys.stdout.write(tok.decode(printed)[len(before):])
+        sys.stdout.flush()
+
+    engine = Engine(model, proposer, relaxed=relaxed)
+    results = engine.generate(prompts, a.max_new_tokens, sp, seed=a.seed, eos_id=eos, stop=a.stop or None,
+                              decode=tok.decode if tok else None, on_tokens=on_tokens if stream else None)
+    path = weights_path(model)
+    for r in results:
+        m = r.metrics
+        text = tok.decode(r.token_ids) if tok is not None else None
+        if a.json:
+            rec = {"text": text, "token_ids": r.token_ids, "num_drafts": m.num_drafts,
+                   "num_draft_tokens": m.num_draft_tokens, "num_accepted_tokens": m.num_accepted_tokens,
+                   "accepted_per_pos": m.accepted_per_pos, "tokens_per_s": m.tokens_per_s, "strategy": strategy,
+                   "k": 0 if strategy == "vanilla" else a.k, "acceptance_len": m.acceptance_len,
+                   "acceptance_rate": m.acceptance_rate, "finish_reason": r.finish_reason,
+                   "temperature": a.temperature, "lossy": r.lossy, "weights": path, "device": str(a.device)}
+            print(json.dumps(rec))
+            continue
+        if not stream:
+            print(text if text is not None else " ".join(map(str, r.token_ids)))
+        per_pos = " ".join(f"{x:.2f}" for x in m.per_pos_rate) or "-"
+        print(f"\n--- {m.num_generated} tokens in {m.total_s:.2f} s: {m.tokens_per_s:.1f} tokens/s | "
+              f"strategy {strategy}" + (f" k={a.k}" if strategy != "vanilla" else "")
+              + f" | AL {m.acceptance_len:.2f} | AR {m.acceptance_rate:.2f} | per-position acceptance {per_pos}"
+              + (" | LOSSY (relaxed acceptance)" if r.lossy else "")
+              + f" | {a.device} {next(model.parameters()).dtype if path != 'fp8' else 'fp8'} weights: {path}",
+              file=sys.stderr if a.quiet_stats else sys.stdout)
+    return 0
+
+
+def weights_path(model) -> str:
+    """Which linear path runs: 'fp8' (weights kept e4m3) or 'dequantised' (converted once at load)."""
+    from mtp_spec.kernels import FP8
+
+    return "fp8" if any(p.dtype == FP8 for p in model.parameters()) else "dequantised"
+
+
+def cmd_convert(a) -> int:
+    from mtp_spec.checkpoint import convert_to_bf16
+
+    if a.to != "bf16":
+        raise ValueError(f"--to {a.to}: only bf16 is supported")
+    print(convert_to_bf16(a.src, a.dst))
+    return 0
+
+
+def cmd_init_random(a) -> int:
+    from mtp_spec.config import ModelArgs
+    from mtp_spec.random_model import write_random_checkpoint
+    from mtp_spec.tokenizer import write_byte_tokenizer
+
+    args = ModelArgs.from_name(a.preset)
+    if a.no_fp8:
+        args = args.with_(fp8=False)
+    path = write_random_checkpoint(a.dst, args, seed=a.seed, dtype=DTYPES[a.dtype],
+                                   max_shard_bytes=int(a.shard_mb * 2**20))
+    if args.vocab_size >= 260:
+        write_byte_tokenizer(path)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mtp-spec", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text with speculative decoding")
+    g.add_argument("prompt_text", nargs="?", metavar="PROMPT")
+    g.add_argument("--model", type=Path, help="checkpoint dir (default: the shipped model)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    g.add_argument("--prompt-file", help="a text file (one prompt) or JSONL with 'prompt' or 'messages'")
+    g.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
+    g.add_argument("--chat", action="store_true", help="apply the chat template")
+    g.add_argument("--strategy", choices=STRATEGIES, help="default: mtp when the model has an MTP layer")
+    g.add_argument("--k", type=int, default=3, help="draft tokens per step (tree depth)")
+    g.add_argument("--tree-width", type=int, default=2, help="branches per level for mtp-tree")
+    g.add_argument("--draft-model", help="checkpoint dir of the draft model for draft-model")
+    g.add_argument("--ngram-max", type=int, default=3)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    g.add_argument("--fp8-path", default="auto", choices=["auto", "fp8", "dequant"],
+                   help="keep FP8 weights (fp8) or dequantise them at load; auto: fp8 on CUDA sm>=89")
+    g.add_argument("--mtp-hidden", default="post", choices=["post", "pre"],
+                   help="feed MTP the main hidden state after (post) or before (pre) the final norm")
+    g.add_argument("--relaxed", metavar="TOPN,DELTA", help="LOSSY relaxed acceptance (greedy only)")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt (see module doc)")
+    g.add_argument("--quiet-stats", action="store_true", help="print the summary line to stderr")
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert an FP8 checkpoint to BF16 (DeepSeek's fp8_cast_bf16)")
+    c.add_argument("--to", default="bf16")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.set_defaults(fn=cmd_convert)
+
+    r = sub.add_parser("init-random", help="write a random checkpoint of a preset, in the real layout")
+    r.add_argument("dst")
+    r.add_argument("--preset", default="tiny")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    r.add_argument("--no-fp8", action="store_true")
+    r.add_argument("--shard-mb", type=float, default=4096)
+    r.set_defaults(fn=cmd_init_random)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mtp_spec.checkpoint import CheckpointError
+    from mtp_spec.config import ConfigError
+
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, ConfigError, CheckpointError, FileNotFoundError, RuntimeError) as e:
+        print(f"mtp-spec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

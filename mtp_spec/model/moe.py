@@ -1,0 +1,93 @@
+"""Feed-forward layers: the dense SwiGLU MLP, the routing Gate, and MoE with shared experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp_spec.config import ModelArgs
+from mtp_spec.model.layers import Linear
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Used for dense layers, each expert and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim)
+        self.w2 = Linear(inter_dim, dim)
+        self.w3 = Linear(dim, inter_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Chooses top-k experts per token.
+
+    V3 (noaux_tc): sigmoid scores; `bias` (e_score_correction_bias) shifts the scores for selection
+    only; groups ranked by the sum of their top-2; weights renormalised, times route_scale.
+    V2: softmax scores, greedy or group-limited (group max), no renormalisation."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk = args.n_activated_experts
+        self.n_groups, self.topk_groups = args.n_expert_groups, args.n_limited_groups
+        self.score_func, self.method = args.score_func, args.topk_method
+        self.norm_topk_prob, self.route_scale = args.norm_topk_prob, args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.bias = nn.Parameter(torch.zeros(args.n_routed_experts)) if self.method == "noaux_tc" else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        if self.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        n = scores.shape[0]
+        if self.method == "noaux_tc":
+            choice = scores + self.bias.float()
+            groups = choice.view(n, self.n_groups, -1).topk(2, dim=-1)[0].sum(-1)
+            choice = self._keep_groups(choice, groups, float("-inf"))
+            idx = choice.topk(self.topk, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, idx)
+            if self.norm_topk_prob:
+                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        elif self.method == "group_limited_greedy":
+            groups = scores.view(n, self.n_groups, -1).amax(-1)
+            weights, idx = self._keep_groups(scores, groups, 0.0).topk(self.topk, dim=-1, sorted=False)
+        else:
+            weights, idx = scores.topk(self.topk, dim=-1, sorted=False)
+        return weights * self.route_scale, idx
+
+    def _keep_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
+        keep = group_scores.topk(self.topk_groups, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        mask = mask[:, :, None].expand(-1, -1, scores.shape[1] // self.n_groups).reshape(scores.shape)
+        return scores.masked_fill(~mask, fill)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+                               if args.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x)
+        y = torch.zeros_like(x)
+        counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            tok, slot = torch.where(idx == e)
+            out = self.experts[e](x[tok]) * weights[tok, slot, None]
+            y.index_add_(0, tok, out.to(y.dtype))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
