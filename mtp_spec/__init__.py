@@ -31,6 +31,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     args = ModelArgs.from_file(path)
     if part == "mtp" and args.n_mtp_layers == 0:
         raise ConfigError(f"{path}: config.json has num_nextn_predict_layers 0: there is no MTP layer to load")
+    if max_len is not None and max_len > args.max_seq_len:
+        raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings {args.max_seq_len}")
     reader = CheckpointReader(path)
     validate(reader, args, part)
     if keep_fp8 is None:

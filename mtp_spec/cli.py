@@ -119,7 +119,8 @@ def cmd_generate(a) -> int:
     tok = load_tokenizer(a.model)
     prompts = _prompts(a, tok)
     need = max(len(p) for p in prompts) + a.max_new_tokens + a.k * max(a.tree_width, 1) + 2
-    model = mtp_spec.load(a.model, device=a.device, dtype=dtype, max_len=max(need, 256),
+    limit = mtp_spec.ModelArgs.from_file(a.model).max_seq_len
+    model = mtp_spec.load(a.model, device=a.device, dtype=dtype, max_len=min(max(need, 256), limit),
                           keep_fp8=None if a.fp8_path == "auto" else a.fp8_path == "fp8",
                           mtp_hidden=a.mtp_hidden)
     strategy = a.strategy or ("mtp" if model.mtp is not None else "vanilla")

@@ -44,7 +44,7 @@ class Engine:
         dev = next(model.parameters()).device
         n = len(prompts)
         max_len = max(len(p) for p in prompts) + max_new_tokens + prop.max_nodes + 2
-        cache = model.new_cache(n, max_len)
+        cache = self.last_cache = model.new_cache(n, max_len)
         prop.reset(n, max_len)
         seqs = [SeqState(list(p), len(p), torch.Generator().manual_seed(seed * 1_000_003 + i))
                 for i, p in enumerate(prompts)]
@@ -88,6 +88,7 @@ class Engine:
                     seqs[i].new_tokens = new
                 results[i].metrics.record(len(d), len(v.path))
                 self._append(i, new, seqs, results, max_new_tokens, eos_id, stop, decode, on_tokens, t0)
+                cache.lengths[i] = len(seqs[i].tokens) - 1  # tokens cut by a stop are dropped here too
         return results
 
     def _hidden(self, out) -> torch.Tensor | None:
