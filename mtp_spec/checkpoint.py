@@ -288,7 +288,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def hf_state_dict(model: torch.nn.Module, args: ModelArgs) -> dict[str, torch.Tensor]:
-    return {to_hf_name(n, args): p.detach() for n, p in model.named_parameters()}
+    return {to_hf_name(n, args): p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def quantize_state(state: dict[str, torch.Tensor], fp8: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

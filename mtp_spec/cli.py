@@ -200,6 +200,17 @@ def cmd_init_random(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from dataclasses import fields
+
+    from mtp_spec.train.trainer import TrainConfig, train
+
+    kw = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    print(train(TrainConfig(**kw), progress=not a.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mtp-spec", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -238,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.set_defaults(fn=cmd_convert)
+
+    t = sub.add_parser("train", help="train a main model + MTP layer on the stdlib corpus (or an MTP layer alone)")
+    t.add_argument("--out", required=True, help="run dir: corpus, tokenizer, state, logs, and the model/")
+    from mtp_spec.train.trainer import TrainConfig
+
+    for f in TrainConfig.__dataclass_fields__.values():
+        if f.name != "out":
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default}")
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
 
     r = sub.add_parser("init-random", help="write a random checkpoint of a preset, in the real layout")
     r.add_argument("dst")

@@ -323,6 +323,17 @@ PRESETS: dict[str, ModelArgs] = {
         topk_method="greedy", norm_topk_prob=False, route_scale=1.0, q_lora_rank=0, mscale=0.707,
         mscale_all_dim=0.707, n_mtp_layers=0, max_seq_len=163840, bos_token_id=100000,
         eos_token_id=100001, fp8=False),
+    # The shipped model (trained by `mtp-spec train` on the stdlib) and its draft-model sibling.
+    "mtp-spec-small": ModelArgs(
+        vocab_size=8192, dim=256, inter_dim=768, moe_inter_dim=192, n_layers=4, n_dense_layers=1, n_heads=4,
+        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
+        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        original_seq_len=1024, rope_factor=4.0, max_seq_len=4096, fp8=True),
+    "mtp-spec-mini": ModelArgs(
+        vocab_size=8192, dim=128, inter_dim=384, moe_inter_dim=96, n_layers=2, n_dense_layers=1, n_heads=2,
+        n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,
+        q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        original_seq_len=1024, rope_factor=4.0, max_seq_len=4096, fp8=True),
     # Tiny shapes for tests: small but every code path (LoRA q, groups, dense + MoE, MTP) is live.
     "tiny": ModelArgs(
         vocab_size=512, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=2, n_dense_layers=1,

@@ -7,8 +7,15 @@ import torch
 
 import mtp_spec
 from mtp_spec.decoding.engine import Engine
-from mtp_spec.decoding.proposers import (DraftModelProposer, MTPProposer, MTPTreeProposer, NGramProposer,
-                                         OracleProposer, Proposer, lookup)
+from mtp_spec.decoding.proposers import (
+    DraftModelProposer,
+    MTPProposer,
+    MTPTreeProposer,
+    NGramProposer,
+    OracleProposer,
+    Proposer,
+    lookup,
+)
 from mtp_spec.decoding.sampling import SamplingParams
 from mtp_spec.decoding.verify import Drafts, Relaxed, verify
 from mtp_spec.metrics import SpecMetrics

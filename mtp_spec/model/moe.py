@@ -59,6 +59,8 @@ class Gate(nn.Module):
             weights, idx = self._keep_groups(scores, groups, 0.0).topk(self.topk, dim=-1, sorted=False)
         else:
             weights, idx = scores.topk(self.topk, dim=-1, sorted=False)
+        if self.training:  # the expert load, for auxiliary-loss-free balancing
+            self.load = torch.bincount(idx.flatten(), minlength=self.weight.shape[0])
         return weights * self.route_scale, idx
 
     def _keep_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
