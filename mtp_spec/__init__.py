@@ -40,6 +40,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     with torch.device("meta"):
         model = Transformer(args, max_len=max_len, main=part != "mtp", mtp=part != "main")
     load_state(model, reader, args, dtype, device, keep_fp8=keep_fp8 and args.fp8)
+    if keep_fp8 and args.fp8:
+        from mtp_spec.model.moe import MoE
+
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.pack_fp8()
     model.rotary.to_empty(device=device)
     # Buffers built on meta must be rebuilt for real.
     from mtp_spec.model.layers import Rotary

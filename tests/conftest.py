@@ -1,10 +1,16 @@
 import os
 
-import pytest
 import torch
 
-from mtp_spec.config import ModelArgs
-from mtp_spec.random_model import write_random_checkpoint
+# Triton must see the interpreter switch before it is first imported (its language functions are
+# decorated at import): without a GPU, every Triton kernel in the tests runs in the CPU interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mtp_spec.config import ModelArgs  # noqa: E402
+from mtp_spec.random_model import write_random_checkpoint  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

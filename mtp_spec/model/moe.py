@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_spec.config import ModelArgs
+from mtp_spec.kernels import FP8, act_quant, backend, grouped_fp8_gemm
 from mtp_spec.model.layers import Linear
 
 
@@ -78,10 +79,48 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
                                if args.n_shared_experts else None)
 
+    def pack_fp8(self) -> bool:
+        """Stack the experts' e4m3 weights and scales into (E, N, K) tensors that the experts keep as
+        views (no copy stays behind), so that one grouped kernel runs every selected expert at once."""
+        self.packed = None
+        for name in ("w1", "w2", "w3"):
+            lins = [getattr(e, name) for e in self.experts]
+            if any(lin.weight.dtype != FP8 for lin in lins):
+                return False
+        packed = {}
+        for name in ("w1", "w2", "w3"):
+            lins = [getattr(e, name) for e in self.experts]
+            w = torch.stack([lin.weight.data for lin in lins])
+            s = torch.stack([lin.scale for lin in lins])
+            for i, lin in enumerate(lins):
+                lin.weight = nn.Parameter(w[i], requires_grad=False)
+                lin.scale = s[i]
+            packed[name] = (w, s)
+        self.packed = packed
+        return True
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        t, k = idx.shape
+        tok = torch.arange(t, device=x.device).repeat_interleave(k)
+        e = idx.flatten()
+        xq, xs = act_quant(x.contiguous())
+        a, a_s = xq[tok].contiguous(), xs[tok].contiguous()
+        h1 = grouped_fp8_gemm(a, a_s, *self.packed["w1"], e)
+        h3 = grouped_fp8_gemm(a, a_s, *self.packed["w3"], e)
+        hq, hs = act_quant((F.silu(h1) * h3).contiguous())
+        y = grouped_fp8_gemm(hq, hs, *self.packed["w2"], e)
+        return (y * weights.flatten()[:, None]).view(t, k, -1).sum(1).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
+        packed = getattr(self, "packed", None)
+        if packed and backend(x) == "triton" and x.shape[-1] % 128 == 0 and packed["w2"][0].shape[-1] % 128 == 0:
+            y = self._grouped(x, weights, idx)
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(x)
+            return y.view(shape)
         y = torch.zeros_like(x)
         counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
         for e, c in enumerate(counts):
