@@ -36,7 +36,8 @@ def test_micro_training_lowers_main_and_mtp_loss(tmp_path):
 
     m = mtp_spec.load(model_dir)
     assert m.args.fp8 and m.mtp is not None
-    assert (model_dir / "tokenizer.json").exists() and json.loads((model_dir / "training.json").read_text())["seed"] == 3
+    assert (model_dir / "tokenizer.json").exists()
+    assert json.loads((model_dir / "training.json").read_text())["seed"] == 3
 
 
 def test_resuming_gives_the_same_next_step_loss(tmp_path, monkeypatch):

@@ -154,7 +154,7 @@ def prepare_data(cfg: TrainConfig, out: Path):
         tokens = np.asarray(ids, dtype=np.int32)
         np.save(cache, tokens, allow_pickle=False)
     if len(tokens) < cfg.seq_len + 2:
-        raise ValueError(f"{train_txt}: the corpus has {len(tokens)} tokens, fewer than seq_len + 2 = {cfg.seq_len + 2}")
+        raise ValueError(f"{train_txt}: the corpus has {len(tokens)} tokens, fewer than seq_len + 2")
     if manifest is None and (out / "corpus" / "corpus.json").exists():
         manifest = json.loads((out / "corpus" / "corpus.json").read_text())
     return tokens, tok, tok_dir, manifest
