@@ -211,6 +211,29 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_run(a) -> int:
+    from mtp_spec.experiment.report import load_requests, summarize, table
+    from mtp_spec.experiment.runner import run
+
+    run_dir = run(a.config, out=a.out, resume=a.resume, dry_run=a.dry_run, progress=not a.no_progress)
+    if run_dir is None:
+        return 0
+    s = summarize(load_requests(run_dir))
+    print(table(s))
+    print(f"\nresults: {run_dir}")
+    return 3 if s["lossless_violations"].sum() else 0
+
+
+def cmd_report(a) -> int:
+    from mtp_spec.experiment.report import report, table
+
+    s, files = report(a.runs, a.plots)
+    print(table(s))
+    for f in files:
+        print(f"plot: {f}")
+    return 3 if s["lossless_violations"].sum() else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mtp-spec", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -262,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 
+    x = sub.add_parser("run", help="run an experiment config (resumable)")
+    x.add_argument("config")
+    x.add_argument("--out", default="results", help="parent dir of the run dir")
+    x.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run")
+    x.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    x.add_argument("--no-progress", action="store_true")
+    x.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("report", help="tables and plots for one or more runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--plots", help="dir for the PNGs (default: RUN/plots)")
+    p.set_defaults(fn=cmd_report)
+
     r = sub.add_parser("init-random", help="write a random checkpoint of a preset, in the real layout")
     r.add_argument("dst")
     r.add_argument("--preset", default="tiny")
@@ -280,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, ConfigError, CheckpointError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, ConfigError, CheckpointError, FileNotFoundError, RuntimeError, KeyError) as e:
         print(f"mtp-spec: error: {e}", file=sys.stderr)
         return 2
 

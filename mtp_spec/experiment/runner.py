@@ -1,0 +1,239 @@
+"""`mtp-spec run CONFIG`: a resumable sweep that logs one record per request.
+
+results/<run-id>/
+  config.yaml       the resolved config (a resume must match it)
+  env.json          versions, device, dtype, git commit, which FP8 path ran
+  requests.jsonl    one record per request, appended and flushed as each finishes
+  summary.csv       derived metrics per strategy x k x width x temperature x batch x length x category
+A run killed at any point resumes with `--resume RUN_DIR`: finished requests are skipped, a batch cut
+short is run again and only its missing requests are written, so nothing is lost or duplicated.
+At T=0 every request is checked against the vanilla output of the same prompt: a mismatch is a
+lossless violation, shown in the summary and in the exit code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mtp_spec.experiment import schema
+from mtp_spec.experiment.schema import Cell, Experiment
+
+
+def config_hash(exp: Experiment) -> str:
+    return hashlib.sha256(json.dumps(exp.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(exp: Experiment, weights: str) -> dict:
+    import mtp_spec
+
+    env = {"mtp_spec": mtp_spec.__version__, "python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform(), "device": exp.device, "dtype": exp.dtype, "commit": git_commit(),
+           "threads": torch.get_num_threads(), "weights": weights}
+    if exp.device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every complete line; a line cut by a kill is dropped (and its request run again)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a half-written last line left by a kill, so the next append starts on a fresh line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+class Runner:
+    def __init__(self, exp: Experiment):
+        import mtp_spec
+        from mtp_spec.cli import DTYPES
+        from mtp_spec.tokenizer import load_tokenizer
+
+        self.exp = exp
+        self.model_dir = schema.resolve_model(exp.model)
+        self.tok = load_tokenizer(self.model_dir)
+        if self.tok is None:
+            raise schema.ExperimentConfigError(f"{self.model_dir}: experiments need a tokenizer.json")
+        self.prompts = []
+        for s in exp.suites:
+            self.prompts += schema.load_prompts(schema.resolve_suite(s), exp.prompts_per_suite)
+        self.ids = [self.tok.chat(p["messages"]) if "messages" in p else self.tok.encode(p["prompt"])
+                    for p in self.prompts]
+        max_new = max(exp.sweep.max_new_tokens)
+        kmax = max((max(s.k) * (max(s.tree_width) if s.name == "mtp-tree" else 1) for s in exp.strategies), default=1)
+        self.dtype = DTYPES[exp.dtype]
+        max_len = max(len(i) for i in self.ids) + max_new + kmax + 8
+        self.model = mtp_spec.load(self.model_dir, device=exp.device, dtype=self.dtype, max_len=max_len,
+                                   mtp_hidden=exp.mtp_hidden)
+        self.draft = None
+        if exp.draft_model:
+            self.draft = mtp_spec.load(schema.resolve_model(exp.draft_model), device=exp.device, dtype=self.dtype,
+                                       part="main", max_len=self.model.max_len)
+
+    def proposer(self, cell: Cell):
+        from mtp_spec.decoding import proposers as P
+
+        spec = next((s for s in self.exp.strategies if s.name == cell.strategy), None)
+        if cell.strategy == "vanilla":
+            return P.Proposer()
+        if cell.strategy == "mtp":
+            return P.MTPProposer(self.model, cell.k)
+        if cell.strategy == "mtp-tree":
+            return P.MTPTreeProposer(self.model, cell.k, cell.tree_width)
+        if cell.strategy == "ngram":
+            return P.NGramProposer(cell.k, n_max=spec.ngram_max)
+        return P.DraftModelProposer(self.draft, cell.k)
+
+    def generate(self, cell: Cell, idx: list[int]):
+        from mtp_spec.decoding.engine import Engine
+        from mtp_spec.decoding.sampling import SamplingParams
+
+        sp = SamplingParams(cell.temperature, self.exp.sweep.top_k, self.exp.sweep.top_p)
+        engine = Engine(self.model, self.proposer(cell))
+        t0 = time.perf_counter()
+        res = engine.generate([self.ids[i] for i in idx], cell.max_new_tokens, sp,
+                              seed=cell.seed * 7919 + idx[0], eos_id=self.tok.eos_id)
+        if self.exp.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return res, time.perf_counter() - t0
+
+    def warmup(self) -> None:
+        seen = set()
+        for cell in schema.cells(self.exp):
+            key = (cell.strategy, cell.k, cell.tree_width)
+            if key not in seen:
+                seen.add(key)
+                for _ in range(self.exp.warmup):
+                    self.generate(Cell(cell.strategy, cell.k, cell.tree_width, 0.0, 1, 4, 0, 0), [0])
+
+
+def plan(exp: Experiment, n_prompts: int) -> list[tuple[Cell, list[int]]]:
+    """(cell, prompt indices) batches, in run order."""
+    out = []
+    for cell in schema.cells(exp):
+        for lo in range(0, n_prompts, cell.batch_size):
+            out.append((cell, list(range(lo, min(lo + cell.batch_size, n_prompts)))))
+    return out
+
+
+def run(config: str | Path, out: str | Path = "results", resume: str | Path | None = None,
+        dry_run: bool = False, progress: bool = True) -> Path | None:
+    from tqdm import tqdm
+
+    from mtp_spec.cli import weights_path
+    from mtp_spec.experiment.report import write_summary
+
+    exp = schema.load(config)
+    if resume:
+        run_dir = Path(resume)
+        saved = run_dir / "config.yaml"
+        if not saved.exists():
+            raise schema.ExperimentConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+        old = yaml.safe_load(saved.read_text())
+        if old.get("config_hash") != config_hash(exp):
+            raise schema.ExperimentConfigError(
+                f"{run_dir}: refusing to resume with a different config than {saved} (hash {old.get('config_hash')}"
+                f" != {config_hash(exp)})")
+    else:
+        run_dir = Path(out) / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dry_run:
+        n = sum(min(exp.prompts_per_suite or 10**9, len(schema.load_prompts(schema.resolve_suite(s))))
+                for s in exp.suites)
+        batches = plan(exp, n)
+        print(f"{exp.name}: {len(schema.cells(exp))} cells x {n} prompts = "
+              f"{sum(len(b) for _, b in batches)} requests in {len(batches)} batches -> {run_dir}")
+        return None
+    runner = Runner(exp)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"config_hash": config_hash(exp), **exp.to_dict()},
+                                                            sort_keys=False))
+        (run_dir / "env.json").write_text(json.dumps(environment(exp, weights_path(runner.model)), indent=2))
+    req_path = run_dir / "requests.jsonl"
+    _repair_tail(req_path)
+    records = read_records(req_path)
+    done = {(r["cell"], r["prompt_id"]) for r in records}
+    vanilla = {(Cell(**r["cell_fields"]).key(), r["prompt_id"]): r["token_ids"] for r in records
+               if r["strategy"] == "vanilla"}
+    batches = plan(exp, len(runner.prompts))
+    todo = [(c, idx) for c, idx in batches if any((c.key(), runner.prompts[i]["id"]) not in done for i in idx)]
+    total = sum(len(idx) for _, idx in batches)
+    if todo:
+        runner.warmup()
+    bar = tqdm(total=total, initial=total - sum(len(i) for _, i in todo), disable=not progress, desc=exp.name,
+               dynamic_ncols=True)
+    accepted = drafts = 0
+    with open(req_path, "a") as fh:
+        for cell, idx in todo:
+            res, wall = runner.generate(cell, idx)
+            batch_tokens = sum(len(r.token_ids) for r in res)
+            for i, r in zip(idx, res):
+                p = runner.prompts[i]
+                if (cell.key(), p["id"]) in done:
+                    continue
+                rec = _record(cell, p, r, wall, batch_tokens, runner)
+                ref = vanilla.get((cell.baseline().key(), p["id"]))
+                if cell.strategy == "vanilla":
+                    vanilla[(cell.key(), p["id"])] = r.token_ids
+                elif cell.temperature == 0 and ref is not None:
+                    rec["lossless"] = r.token_ids == ref
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                accepted += r.metrics.num_accepted_tokens
+                drafts += r.metrics.num_drafts
+                bar.update(1)
+            bar.set_postfix(AL=f"{1 + accepted / drafts:.2f}" if drafts else "-")
+    bar.close()
+    violations = write_summary(run_dir)
+    if violations:
+        print(f"LOSSLESS CHECK FAILED: {violations} request(s) differ from vanilla at T=0 (see {run_dir}/summary.csv)",
+              file=sys.stderr)
+    return run_dir
+
+
+def _record(cell: Cell, prompt: dict, r, wall: float, batch_tokens: int, runner: Runner) -> dict:
+    m = r.metrics
+    return {
+        "cell": cell.key(), "cell_fields": cell.__dict__, "prompt_id": prompt["id"], "category": prompt["category"],
+        "strategy": cell.strategy, "k": cell.k, "tree_width": cell.tree_width, "temperature": cell.temperature,
+        "batch_size": cell.batch_size, "max_new_tokens": cell.max_new_tokens, "seed": cell.seed,
+        "repeat": cell.repeat, "prompt_len": len(runner.ids[runner.prompts.index(prompt)]),
+        "token_ids": r.token_ids, "finish_reason": r.finish_reason, "num_generated": m.num_generated,
+        "num_steps": m.num_steps, "num_drafts": m.num_drafts, "num_draft_tokens": m.num_draft_tokens,
+        "num_accepted_tokens": m.num_accepted_tokens, "accepted_per_pos": m.accepted_per_pos,
+        "acceptance_len": m.acceptance_len, "acceptance_rate": m.acceptance_rate, "ttft_s": m.ttft_s,
+        "tpot_s": m.tpot_s, "total_s": m.total_s, "tokens_per_s": m.tokens_per_s, "batch_wall_s": wall,
+        "batch_tokens_per_s": batch_tokens / wall if wall > 0 else 0.0, "lossless": None, "lossy": r.lossy,
+        "device": runner.exp.device, "dtype": runner.exp.dtype,
+    }
