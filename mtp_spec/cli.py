@@ -163,16 +163,18 @@ def cmd_generate(a) -> int:
               f"strategy {strategy}" + (f" k={a.k}" if strategy != "vanilla" else "")
               + f" | AL {m.acceptance_len:.2f} | AR {m.acceptance_rate:.2f} | per-position acceptance {per_pos}"
               + (" | LOSSY (relaxed acceptance)" if r.lossy else "")
-              + f" | {a.device} {next(model.parameters()).dtype if path != 'fp8' else 'fp8'} weights: {path}",
+              + f" | {a.device} {next(p.dtype for p in model.parameters() if p.element_size() > 1)} weights: {path}",
               file=sys.stderr if a.quiet_stats else sys.stdout)
     return 0
 
 
 def weights_path(model) -> str:
-    """Which linear path runs: 'fp8' (weights kept e4m3) or 'dequantised' (converted once at load)."""
-    from mtp_spec.kernels import FP8
+    """Which linear path runs: 'fp8-triton' or 'fp8-torch' (weights kept e4m3, GEMM by Triton or by the
+    dequantising reference) or 'dequantised' (converted once at load)."""
+    from mtp_spec.kernels import FP8, backend
 
-    return "fp8" if any(p.dtype == FP8 for p in model.parameters()) else "dequantised"
+    w = next((p for p in model.parameters() if p.dtype == FP8), None)
+    return "dequantised" if w is None else f"fp8-{backend(w)}"
 
 
 def cmd_convert(a) -> int:

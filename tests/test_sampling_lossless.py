@@ -1,5 +1,6 @@
 """Sampled speculative decoding has the target's distribution: a chi-square test over 20k samples of
-the first three generated tokens (vocabulary 8), against exact autoregressive probabilities."""
+the first three generated tokens (vocabulary 8), against exact autoregressive probabilities.
+MTP chains draft by sampling (q known); trees and n-grams draft deterministically (q one-hot)."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import mtp_spec
 from mtp_spec.config import ModelArgs
 from mtp_spec.decoding import verify as verify_mod
 from mtp_spec.decoding.engine import Engine
-from mtp_spec.decoding.proposers import DraftModelProposer, MTPProposer, NGramProposer
+from mtp_spec.decoding.proposers import DraftModelProposer, MTPProposer, MTPTreeProposer, NGramProposer
 from mtp_spec.decoding.sampling import SamplingParams, probs
 from mtp_spec.random_model import write_random_checkpoint
 
@@ -66,6 +67,7 @@ def run(model, proposer, sp):
 CASES = {
     "mtp-sampled-drafts": (lambda t, d: MTPProposer(t, 2), SamplingParams(temperature=1.0)),
     "ngram": (lambda t, d: NGramProposer(2, n_max=2), SamplingParams(temperature=0.8)),
+    "mtp-tree": (lambda t, d: MTPTreeProposer(t, 2, width=2), SamplingParams(temperature=1.0, top_k=5)),
     "draft-model": (lambda t, d: DraftModelProposer(d, 2), SamplingParams(temperature=1.0, top_k=6, top_p=0.9)),
 }
 

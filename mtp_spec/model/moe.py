@@ -104,7 +104,7 @@ class MoE(nn.Module):
         tok = torch.arange(t, device=x.device).repeat_interleave(k)
         e = idx.flatten()
         xq, xs = act_quant(x.contiguous())
-        a, a_s = xq[tok].contiguous(), xs[tok].contiguous()
+        a, a_s = xq.view(torch.uint8)[tok].view(FP8), xs[tok].contiguous()  # gather bytes: fp8 indexing is patchy
         h1 = grouped_fp8_gemm(a, a_s, *self.packed["w1"], e)
         h3 = grouped_fp8_gemm(a, a_s, *self.packed["w3"], e)
         hq, hs = act_quant((F.silu(h1) * h3).contiguous())
