@@ -284,7 +284,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    """Make the finished temp dir readable like any checkpoint, then move it into place."""
+    os.chmod(tmp, 0o755)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
 
 
 def hf_state_dict(model: torch.nn.Module, args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -336,9 +347,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], args: ModelArgs, path: str 
         args.save(tmp)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -376,9 +385,7 @@ def convert_to_bf16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         for fname in TOKENIZER_FILES:
             if (src / fname).exists():
                 shutil.copy(src / fname, tmp / fname)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        _publish(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

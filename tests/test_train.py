@@ -87,3 +87,23 @@ def test_corpus_split_holds_out_at_least_five_percent_of_modules_and_matches_the
     committed = set(corpus.HELDOUT_FILE.read_text().split())
     assert {d.name for d in held} <= committed
     assert len(corpus.code_prompts(held)) >= 100 and len(corpus.prose_prompts(held)) >= 100
+
+
+def test_mtp_only_trains_a_fresh_mtp_layer_on_a_frozen_main_model(tmp_path):
+    import mtp_spec
+    from mtp_spec.config import ModelArgs
+    from mtp_spec.random_model import write_random_checkpoint
+    from mtp_spec.train.tokenizer import train_tokenizer
+
+    train_tokenizer([TEXT], tmp_path / "tok", 300)
+    main_dir = write_random_checkpoint(tmp_path / "v2", ModelArgs.from_name("tiny-v2"), seed=1, dtype=torch.float32)
+    cfg = _cfg(tmp_path, mtp_only=str(main_dir), tokenizer=str(tmp_path / "tok"), steps=30)
+    out = train(cfg, progress=False)
+    main, mtp = _losses(tmp_path / "run")
+    assert sum(mtp[-5:]) / 5 < 0.8 * sum(mtp[:5]) / 5
+    assert max(main) - min(main) < 0.5  # the main model does not learn (only the data changes)
+    before = mtp_spec.load(main_dir)
+    after = mtp_spec.load(out)
+    assert after.mtp is not None and after.args.n_mtp_layers == 1
+    w0, w1 = before.layers[0].attn.wq.weight, after.layers[0].attn.wq.weight  # frozen, up to the fp8 export
+    assert ((w1 - w0).abs() <= w0.abs() * 2**-4 + 1e-6).all()

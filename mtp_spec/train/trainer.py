@@ -257,7 +257,7 @@ def export(model: Transformer, args: ModelArgs, out: Path, tok_dir: Path, cfg: T
     rows = list(csv.DictReader(open(out / "loss.csv")))
     files["training.json"] = json.dumps({
         "command": "mtp-spec train " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                                                if v not in (None, 0) and k != "out") + f" --out {cfg.out}",
+                                                if v is not None and k != "out") + f" --out {cfg.out}",
         "config": asdict(cfg), "seed": cfg.seed, "python": sys.version.split()[0], "torch": torch.__version__,
         "final": rows[-1] if rows else None, "mtp_hidden_input": model.mtp.hidden_input,
         "corpus": {k: v for k, v in (manifest or {}).items() if k != "held_out"},
