@@ -87,7 +87,7 @@ def main() -> None:
     path = Path(a.model) if a.model else default_model()
     tok = load_tokenizer(path)
     prompts = [tok.encode(p["prompt"]) for p in load_prompts(resolve_suite(a.suite), a.n_prompts)]
-    model = mtp_spec.load(path, dtype=torch.float32, max_len=max(map(len, prompts)) + a.max_new + 32)
+    model = mtp_spec.load(path, dtype=torch.float32, max_len=max(max(map(len, prompts)) + a.max_new + 32, 160))
     draft = None
     if a.draft_model:
         draft = mtp_spec.load(a.draft_model, dtype=torch.float32, part="main", max_len=model.max_len)

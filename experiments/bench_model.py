@@ -32,6 +32,11 @@ SIZES = {
 
 
 def rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM). Not ru_maxrss: that survives exec, so a
+    child would inherit the parent's high-water mark."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
