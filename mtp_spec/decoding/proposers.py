@@ -54,6 +54,23 @@ def _pick(logits: torch.Tensor, sp: SamplingParams, gen, sample_drafts: bool) ->
     return sample(q, gen), q
 
 
+def _draft_chain(logits: torch.Tensor, step, seqs: list[SeqState], rows: list[int], sp: SamplingParams, k: int,
+                 sample_drafts: bool) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """k drafts per row, autoregressively: pick from `logits`, then `step(j, tokens (n, 1))` gives the
+    next logits. Returns the tokens and, for sampled drafts, their distributions q."""
+    toks: list[list[int]] = [[] for _ in rows]
+    qs: list[list[torch.Tensor]] = [[] for _ in rows]
+    for j in range(k):
+        for i, r in enumerate(rows):
+            t, q = _pick(logits[i], sp, seqs[r].gen, sample_drafts)
+            toks[i].append(t)
+            if q is not None:
+                qs[i].append(q)
+        if j < k - 1:
+            logits = step(j, torch.tensor([[t[-1]] for t in toks], device=logits.device))
+    return toks, qs
+
+
 class MTPProposer(Proposer):
     """A chain of k drafts from the MTP module, reusing it recursively (vLLM / SGLang style).
 
@@ -101,22 +118,16 @@ class MTPProposer(Proposer):
     @torch.no_grad()
     def propose(self, seqs, rows, sp):
         logits, h = self._extend(seqs, rows)
-        dev = logits.device
-        rows_t = torch.tensor(rows, device=dev)
-        toks: list[list[int]] = [[] for _ in rows]
-        qs: list[list[torch.Tensor]] = [[] for _ in rows]
-        for j in range(self.k):
-            for i, r in enumerate(rows):
-                t, q = _pick(logits[i], sp, seqs[r].gen, self.sample_drafts)
-                toks[i].append(t)
-                if q is not None:
-                    qs[i].append(q)
-            if j == self.k - 1:
-                break
-            inp = torch.tensor([[t[-1]] for t in toks], device=dev)
-            out = self.mtp(inp, h[:, None], depth=j + 1, cache=self.cache,
+        rows_t = torch.tensor(rows, device=logits.device)
+        state = {"h": h}
+
+        def step(j: int, inp: torch.Tensor) -> torch.Tensor:
+            out = self.mtp(inp, state["h"][:, None], depth=j + 1, cache=self.cache,
                            start=self.cache.lengths[rows_t] + j, rows=rows_t)
-            logits, h = out.logits[:, 0], out.hidden_states[:, 0]
+            state["h"] = out.hidden_states[:, 0]
+            return out.logits[:, 0]
+
+        toks, qs = _draft_chain(logits, step, seqs, rows, sp, self.k, self.sample_drafts)
         return [Drafts.chain(t, torch.stack(q) if q else None) for t, q in zip(toks, qs)]
 
 
@@ -242,18 +253,11 @@ class DraftModelProposer(Proposer):
         out = self.draft(new, cache=self.cache, start=self.cache.lengths[rows_t], rows=rows_t)
         logits = out.logits[torch.arange(len(rows), device=dev), torch.tensor(m, device=dev) - 1]
         self.cache.lengths[rows_t] += torch.tensor(m, device=dev)
-        toks: list[list[int]] = [[] for _ in rows]
-        qs: list[list[torch.Tensor]] = [[] for _ in rows]
-        for j in range(self.k):
-            for i, r in enumerate(rows):
-                t, q = _pick(logits[i], sp, seqs[r].gen, self.sample_drafts)
-                toks[i].append(t)
-                if q is not None:
-                    qs[i].append(q)
-            if j == self.k - 1:
-                break
-            inp = torch.tensor([[t[-1]] for t in toks], device=dev)
-            logits = self.draft(inp, cache=self.cache, start=self.cache.lengths[rows_t] + j, rows=rows_t).logits[:, 0]
+
+        def step(j: int, inp: torch.Tensor) -> torch.Tensor:
+            return self.draft(inp, cache=self.cache, start=self.cache.lengths[rows_t] + j, rows=rows_t).logits[:, 0]
+
+        toks, qs = _draft_chain(logits, step, seqs, rows, sp, self.k, self.sample_drafts)
         for i, r in enumerate(rows):
             self.scratch[r] = toks[i][:-1]
         return [Drafts.chain(t, torch.stack(q) if q else None) for t, q in zip(toks, qs)]
