@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 import mtp_spec
-from mtp_spec.cli import default_model, make_proposer
 from mtp_spec.decoding.engine import Engine
+from mtp_spec.decoding.strategies import make_proposer
 from mtp_spec.experiment.schema import load_prompts, resolve_suite
+from mtp_spec.loader import default_model
 from mtp_spec.tokenizer import load_tokenizer
 
 

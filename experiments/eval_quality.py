@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import mtp_spec
-from mtp_spec.cli import default_model
 from mtp_spec.decoding.engine import Engine
 from mtp_spec.decoding.proposers import MTPProposer
 from mtp_spec.experiment.schema import load_prompts, resolve_suite
+from mtp_spec.loader import default_model
 from mtp_spec.tokenizer import load_tokenizer
 from mtp_spec.train import corpus
 

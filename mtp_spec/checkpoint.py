@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mtp_spec.config import ModelArgs
+from mtp_spec.io import atomic_dir, check_not_inside
 from mtp_spec.kernels import FP8, weight_dequant_ref, weight_quant_ref
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MTP_FILE = "mtp.safetensors"  # a post-hoc MTP layer beside a checkpoint that has none (the Llama family)
 SCALE = "_scale_inv"
 FP8_MODULES = {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                "gate_proj", "up_proj", "down_proj"}
@@ -39,7 +40,8 @@ class CheckpointError(ValueError):
 # --- names: ours <-> HF ----------------------------------------------------------------------
 _BLOCK = [  # (ours, HF) within a decoder block
     ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
-    ("attn.wq", "self_attn.q_proj"), ("attn.wq_a", "self_attn.q_a_proj"),
+    ("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"), ("attn.wv", "self_attn.v_proj"),
+    ("attn.wq_a", "self_attn.q_a_proj"),
     ("attn.q_norm", "self_attn.q_a_layernorm"), ("attn.wq_b", "self_attn.q_b_proj"),
     ("attn.wkv_a", "self_attn.kv_a_proj_with_mqa"), ("attn.kv_norm", "self_attn.kv_a_layernorm"),
     ("attn.wkv_b", "self_attn.kv_b_proj"), ("attn.wo", "self_attn.o_proj"),
@@ -106,6 +108,28 @@ def from_hf_name(name: str, args: ModelArgs) -> str:
     return f"mtp.layers.{k}.block.{_rename(rest, _BLOCK, False)}"
 
 
+def draft_vocab_names(args) -> list[str]:
+    """Where an MTP layer's sub-vocabulary (token ids its draft head scores) is stored, if it has one."""
+    return [f"model.layers.{args.n_layers + k}.draft_vocab" for k in range(args.n_mtp_layers)]
+
+
+def mtp_file_layers(path: str | os.PathLike) -> int:
+    """How many MTP layers a checkpoint's post-hoc `mtp.safetensors` holds (0 without one)."""
+    p = Path(path) / MTP_FILE
+    if not p.is_file():
+        return 0
+    _check_safetensors_file(p)
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{p}: corrupt safetensors file ({e})") from None
+    try:
+        return int(meta["num_nextn_predict_layers"])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{p}: metadata 'num_nextn_predict_layers' missing or not an integer") from None
+
+
 def is_fp8_tensor(hf_name: str) -> bool:
     """True for the projections DeepSeek stores in e4m3 with block scales."""
     parts = hf_name.split(".")
@@ -117,7 +141,7 @@ def expected_tensors(args: ModelArgs, part: str = "all") -> dict[str, tuple[int,
     part: "all", "main" or "mtp"."""
     from mtp_spec.model import Transformer
 
-    with torch.device("meta"):
+    with torch.device("meta"):  # the tied head of a Llama appears once, as the embedding
         model = Transformer(args, max_len=2, main=part in ("all", "main"), mtp=part in ("all", "mtp"))
     return {to_hf_name(n, args): tuple(p.shape) for n, p in model.named_parameters()}
 
@@ -138,17 +162,22 @@ class CheckpointReader:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
             for f in files:
-                if not (self.path / f).exists():
+                _check_shard_name(index, f, self.path)
+                if not (self.path / f).is_file():
                     who = next(k for k, v in weight_map.items() if v == f)
                     raise CheckpointError(f"{index}: points tensor '{who}' to missing file '{f}'")
         elif (self.path / SINGLE).exists():
             files, weight_map = [SINGLE], None
         else:
             raise CheckpointError(f"{self.path}: neither {SINGLE} nor {INDEX} found")
+        if (self.path / MTP_FILE).is_file():
+            files = files + [MTP_FILE]
         self.files = files
         self._handles: dict[str, object] = {}
         self.where: dict[str, str] = {}
@@ -157,6 +186,8 @@ class CheckpointReader:
                 self.where[k] = f
         if weight_map is not None:
             for k, f in weight_map.items():
+                if self.where.get(k) == MTP_FILE:
+                    continue
                 if self.where.get(k) != f:
                     found = self.where.get(k)
                     raise CheckpointError(f"{index}: tensor '{k}' is mapped to '{f}' but "
@@ -192,6 +223,16 @@ class CheckpointReader:
         return sl.get_dtype(), tuple(sl.get_shape())
 
 
+def _check_shard_name(index: Path, name: str, root: Path) -> None:
+    """A shard must be a plain file name inside the checkpoint directory: an index that points
+    elsewhere (an absolute path, '..', a link out) would read files that are not the checkpoint's."""
+    p = Path(name)
+    inside = (root / p).resolve().parent == root.resolve()
+    if p.is_absolute() or len(p.parts) != 1 or name in (".", "..") or not inside:
+        raise CheckpointError(f"{index}: shard file name {name!r} leaves the checkpoint directory {root}; "
+                              "an index may only name files inside it")
+
+
 def _check_safetensors_file(p: Path) -> None:
     """Catch truncation before safetensors does, so the error names the file and the tensor."""
     size = p.stat().st_size
@@ -204,12 +245,17 @@ def _check_safetensors_file(p: Path) -> None:
             raise CheckpointError(f"{p}: corrupt safetensors header (claims {n} bytes, file has {size})")
         try:
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{p}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p}: corrupt safetensors header (not a JSON object)")
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        end = info.get("data_offsets", [0, 0])[1]
+        offs = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise CheckpointError(f"{p}: corrupt safetensors header: tensor '{name}' has no valid data_offsets")
+        end = offs[1]
         if 8 + n + end > size:
             raise CheckpointError(f"{p}: truncated: tensor '{name}' ends at byte {8 + n + end}, "
                                   f"file has {size}")
@@ -226,7 +272,7 @@ def validate(reader: CheckpointReader, args: ModelArgs, part: str = "all") -> di
     if missing:
         raise CheckpointError(f"{reader.path}: missing tensor '{missing[0]}'"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    allowed = set(want) | {k + SCALE for k in want if is_fp8_tensor(k)}
+    allowed = set(want) | {k + SCALE for k in want if is_fp8_tensor(k)} | set(draft_vocab_names(args))
     if part == "all":
         unexpected = [k for k in have if k not in allowed]
         if unexpected:
@@ -266,8 +312,10 @@ def load_state(model: torch.nn.Module, reader: CheckpointReader, args: ModelArgs
         t = reader.get(hf)
         mod_name, _, attr = pname.rpartition(".")
         mod = modules[mod_name]
+        _check_finite(t, hf, reader)
         if t.dtype == FP8:
             scale = reader.get(hf + SCALE)
+            _check_finite(scale, hf + SCALE, reader)
             if keep_fp8 and isinstance(mod, Linear):
                 mod.weight = torch.nn.Parameter(t.to(device), requires_grad=False)
                 mod.scale = scale.to(device)
@@ -276,30 +324,37 @@ def load_state(model: torch.nn.Module, reader: CheckpointReader, args: ModelArgs
         keep = torch.float32 if attr == "bias" else dtype  # the router bias stays fp32, as in DeepSeek
         setattr(mod, attr, torch.nn.Parameter(t.to(device=device, dtype=keep), requires_grad=False))
         del t
+    if getattr(model, "mtp", None) is not None:
+        for layer, name in zip(model.mtp.layers, draft_vocab_names(args)):
+            if name in reader:
+                layer.draft_vocab = reader.get(name).to(device=device, dtype=torch.long)
+
+
+def _check_finite(t: torch.Tensor, name: str, reader: CheckpointReader) -> None:
+    """NaN or inf weights load silently and then produce garbage text: refuse them by name."""
+    if t.dtype == FP8:
+        bad = bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())  # e4m3fn's only non-finite codes
+    elif t.is_floating_point():
+        bad = not bool(torch.isfinite(t).all())
+    else:
+        bad = False
+    if bad:
+        raise CheckpointError(f"{reader.path / reader.where[name]}: tensor '{name}' holds NaN or inf values")
 
 
 # --- writing --------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _publish(tmp: Path, dst: Path) -> None:
-    """Make the finished temp dir readable like any checkpoint, then move it into place."""
-    os.chmod(tmp, 0o755)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
-
 
 def hf_state_dict(model: torch.nn.Module, args: ModelArgs) -> dict[str, torch.Tensor]:
-    return {to_hf_name(n, args): p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+    """HF-named tensors. DeepSeek stores shared tensors under every name (the MTP layer's embedding and
+    head are copies in the checkpoint); a Llama stores a tied head and the MTP layer's shared
+    embedding and head once, as the embedding."""
+    shared = args.family != "llama"
+    out = {to_hf_name(n, args): p.detach() for n, p in model.named_parameters(remove_duplicate=not shared)}
+    if getattr(model, "mtp", None) is not None:
+        for layer, name in zip(model.mtp.layers, draft_vocab_names(args)):
+            if layer.draft_vocab is not None:
+                out[name] = layer.draft_vocab
+    return out
 
 
 def quantize_state(state: dict[str, torch.Tensor], fp8: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -311,6 +366,8 @@ def quantize_state(state: dict[str, torch.Tensor], fp8: bool, dtype: torch.dtype
             yield name + SCALE, s
         elif name.endswith("e_score_correction_bias"):
             yield name, t.float().contiguous()
+        elif not t.is_floating_point():  # token ids (a draft vocabulary)
+            yield name, t.contiguous()
         else:
             yield name, t.to(dtype).contiguous()
 
@@ -321,9 +378,12 @@ def write_checkpoint(state: dict[str, torch.Tensor], args: ModelArgs, path: str 
     """Write config.json, shards (+ index when there are several) atomically: into a temp dir, then rename.
     `state` holds HF names and float tensors; FP8 quantisation follows args.fp8."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_dir(path) as tmp:
+        if args.family == "llama" and args.n_mtp_layers:  # the MTP layer goes to its own file
+            mtp = {k: v for k, v in state.items() if _layer_index(k) >= args.n_layers}
+            state = {k: v for k, v in state.items() if k not in mtp}
+            write_mtp_file(mtp, args, tmp / MTP_FILE, dtype)
+            args = args.with_(n_mtp_layers=0)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in quantize_state(state, args.fp8, dtype):
@@ -347,10 +407,24 @@ def write_checkpoint(state: dict[str, torch.Tensor], args: ModelArgs, path: str 
         args.save(tmp)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        _publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return path
+
+
+def _layer_index(name: str) -> int:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m[1]) if m else -1
+
+
+def write_mtp_file(state: dict[str, torch.Tensor], args, path: str | os.PathLike,
+                   dtype: torch.dtype = torch.bfloat16, extra_metadata: dict[str, str] | None = None) -> Path:
+    """A post-hoc MTP layer as one safetensors file (layer index n_layers on), written atomically; its
+    metadata says how many MTP layers it holds. Copy it into a checkpoint directory as mtp.safetensors."""
+    path = Path(path)
+    tensors = dict(quantize_state(state, False, dtype))
+    meta = {"format": "pt", "num_nextn_predict_layers": str(args.n_mtp_layers), **(extra_metadata or {})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
     return path
 
 
@@ -358,11 +432,10 @@ def convert_to_bf16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """DeepSeek's fp8_cast_bf16: dequantise every FP8 tensor, drop the scales, keep the shard names,
     and also fix config.json (no quantization_config, torch_dtype bfloat16) and copy tokenizer files."""
     src, dst = Path(src), Path(dst)
+    check_not_inside(dst, src, "destination")
     args = ModelArgs.from_file(src)
     reader = CheckpointReader(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
+    with atomic_dir(dst) as tmp:
         weight_map, total = {}, 0
         for f in reader.files:
             out = {}
@@ -385,8 +458,4 @@ def convert_to_bf16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         for fname in TOKENIZER_FILES:
             if (src / fname).exists():
                 shutil.copy(src / fname, tmp / fname)
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

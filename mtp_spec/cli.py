@@ -9,95 +9,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-STRATEGIES = ("vanilla", "mtp", "mtp-tree", "ngram", "draft-model")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from mtp_spec.decoding.strategies import STRATEGIES
+from mtp_spec.loader import DTYPES
 
 
-def shipped_model_dir() -> Path:
-    return Path(__file__).parent / "assets" / "model"
-
-
-def default_model() -> Path:
-    """The shipped model, or, until one ships, a random tiny checkpoint written once to a cache dir."""
-    if (shipped_model_dir() / "config.json").exists():
-        return shipped_model_dir()
-    home = Path(os.environ.get("MTP_SPEC_HOME", Path.home() / ".cache" / "mtp-spec"))
-    path = home / "tiny-random-v1"
-    if not (path / "config.json").exists():
-        from mtp_spec.random_model import write_random_checkpoint
-        from mtp_spec.tokenizer import write_byte_tokenizer
-
-        write_random_checkpoint(path, "tiny", seed=0)
-        write_byte_tokenizer(path)
-    print(f"[mtp-spec] no shipped model: using the random tiny checkpoint {path} (its text is noise)",
-          file=sys.stderr)
-    return path
-
-
-def make_proposer(strategy: str, model, k: int, tree_width: int = 2, draft_model: str | None = None,
-                  ngram_max: int = 3, device="cpu", dtype=None, sample_drafts: bool = True):
-    from mtp_spec.decoding import proposers as P
-
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
-    if k < 1:
-        raise ValueError(f"--k must be >= 1, got {k}")
-    if strategy == "vanilla":
-        return P.Proposer()
-    if strategy == "mtp":
-        return P.MTPProposer(model, k, sample_drafts=sample_drafts)
-    if strategy == "mtp-tree":
-        return P.MTPTreeProposer(model, k, tree_width)
-    if strategy == "ngram":
-        return P.NGramProposer(k, n_max=ngram_max)
-    if draft_model is None:
-        raise ValueError("strategy 'draft-model' needs --draft-model DIR")
-    import mtp_spec
-
-    draft = mtp_spec.load(draft_model, device=device, dtype=dtype, part="main", max_len=model.max_len)
-    if draft.args.vocab_size != model.args.vocab_size:
-        raise ValueError(f"--draft-model {draft_model}: vocab_size {draft.args.vocab_size} differs from the "
-                         f"target's {model.args.vocab_size}; the draft must share the tokenizer")
-    return P.DraftModelProposer(draft, k, sample_drafts=sample_drafts)
-
-
-def _prompts(a, tok) -> list[list[int]]:
+def _prompts(a, tok) -> list[list[int] | list[dict] | str]:
+    """Every prompt the user gave, as token ids (or as text/messages when a tokenizer is needed)."""
     texts: list = []
-    if a.prompt_text:
+    if a.prompt_text is not None:
         texts.append(a.prompt_text)
     texts += a.prompt or []
     if a.prompt_file:
-        p = Path(a.prompt_file)
-        if not p.exists():
-            raise ValueError(f"--prompt-file {p}: no such file")
-        if p.suffix == ".jsonl":
-            for n, line in enumerate(p.read_text().splitlines(), 1):
-                if line.strip():
-                    rec = json.loads(line)
-                    if "messages" in rec:
-                        texts.append(rec["messages"])
-                    elif "prompt" in rec:
-                        texts.append(rec["prompt"])
-                    else:
-                        raise ValueError(f"{p}:{n}: record has neither 'prompt' nor 'messages'")
-        else:
-            texts.append(p.read_text())
+        texts += _read_prompt_file(Path(a.prompt_file))
     if a.prompt_ids:
-        try:
-            return [[int(x) for x in a.prompt_ids.split(",") if x.strip()]]
-        except ValueError:
-            raise ValueError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
+        ids = [x.strip() for x in a.prompt_ids.split(",") if x.strip()]
+        if not ids or not all(x.lstrip("-").isdigit() for x in ids):
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}")
+        return [[int(x) for x in ids]]
     if not texts:
         raise ValueError("give a prompt: PROMPT, --prompt, --prompt-file or --prompt-ids")
+    for i, t in enumerate(texts):
+        if isinstance(t, str) and not t.strip():
+            raise ValueError(f"prompt {i} is empty" + (f" (--prompt-file {a.prompt_file})" if a.prompt_file else ""))
     if tok is None:
-        raise ValueError(f"{a.model}: no tokenizer.json; pass token ids with --prompt-ids")
+        raise ValueError(f"--model {a.model}: no tokenizer.json, so text prompts cannot be encoded; "
+                         "pass token ids with --prompt-ids")
     out = []
     for t in texts:
         if a.chat or isinstance(t, list):
@@ -107,29 +49,85 @@ def _prompts(a, tok) -> list[list[int]]:
     return out
 
 
+def _read_prompt_file(p: Path) -> list:
+    """A text file is one prompt; a .jsonl file has one {"prompt"} or {"messages"} record per line."""
+    if not p.is_file():
+        raise ValueError(f"--prompt-file {p}: no such file")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file {p}: not UTF-8 text") from None
+    if p.suffix != ".jsonl":
+        return [text]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not a JSON object ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p}:{n}: expected a JSON object with 'prompt' or 'messages'")
+        if isinstance(rec.get("messages"), list):
+            out.append(rec["messages"])
+        elif isinstance(rec.get("prompt"), str):
+            out.append(rec["prompt"])
+        else:
+            raise ValueError(f"{p}:{n}: record needs a 'prompt' string or a 'messages' list")
+    if not out:
+        raise ValueError(f"--prompt-file {p}: no prompts in the file")
+    return out
+
+
+def _relaxed(spec: str | None):
+    from mtp_spec.decoding.verify import Relaxed
+
+    if not spec:
+        return None
+    parts = spec.split(",")
+    try:
+        top_n, delta = int(parts[0]), float(parts[1])
+        assert len(parts) == 2 and top_n >= 1 and math.isfinite(delta) and delta >= 0
+    except (ValueError, IndexError, AssertionError):
+        raise ValueError(f"--relaxed {spec!r}: expected TOPN,DELTA with an integer TOPN >= 1 and a number "
+                         "DELTA >= 0, e.g. 3,0.5") from None
+    return Relaxed(top_n, delta)
+
+
 def cmd_generate(a) -> int:
     import mtp_spec
     from mtp_spec.decoding.engine import Engine
     from mtp_spec.decoding.sampling import SamplingParams
-    from mtp_spec.decoding.verify import Relaxed
+    from mtp_spec.decoding.strategies import make_proposer
+    from mtp_spec.loader import check_device, model_args, resolve_model, weights_path
     from mtp_spec.tokenizer import load_tokenizer
 
-    a.model = a.model or default_model()
+    sp = SamplingParams(a.temperature, a.top_k, a.top_p)
+    relaxed = _relaxed(a.relaxed)
+    if relaxed is not None and not sp.greedy:
+        raise ValueError("--relaxed works with greedy decoding only (--temperature 0)")
+    for flag, v in (("--k", a.k), ("--tree-width", a.tree_width), ("--ngram-max", a.ngram_max),
+                    ("--max-new-tokens", a.max_new_tokens)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    check_device(a.device)
+    a.model = resolve_model(a.model)
     dtype = None if a.dtype == "auto" else DTYPES[a.dtype]
     tok = load_tokenizer(a.model)
     prompts = _prompts(a, tok)
-    need = max(len(p) for p in prompts) + a.max_new_tokens + a.k * max(a.tree_width, 1) + 2
-    limit = mtp_spec.ModelArgs.from_file(a.model).max_seq_len
+    slots = a.k * (a.tree_width if a.strategy == "mtp-tree" else 1)
+    need = max(len(p) for p in prompts) + a.max_new_tokens + slots + 2
+    limit = model_args(a.model).max_seq_len
+    if need > limit:
+        raise ValueError(f"--k {a.k} and --max-new-tokens {a.max_new_tokens} with a {max(len(p) for p in prompts)}"
+                         f"-token prompt need {need} positions, but {a.model} has a context of {limit} "
+                         "(max_position_embeddings): lower --k or --max-new-tokens, or shorten the prompt")
     model = mtp_spec.load(a.model, device=a.device, dtype=dtype, max_len=min(max(need, 256), limit),
                           keep_fp8=None if a.fp8_path == "auto" else a.fp8_path == "fp8",
                           mtp_hidden=a.mtp_hidden)
     strategy = a.strategy or ("mtp" if model.mtp is not None else "vanilla")
-    proposer = make_proposer(strategy, model, a.k, a.tree_width, a.draft_model, a.ngram_max, a.device, dtype)
-    relaxed = None
-    if a.relaxed:
-        top_n, delta = a.relaxed.split(",")
-        relaxed = Relaxed(int(top_n), float(delta))
-    sp = SamplingParams(a.temperature, a.top_k, a.top_p)
+    proposer = make_proposer(strategy, model, a.k, a.tree_width, a.draft_model, a.ngram_max)
     eos = tok.eos_id if tok is not None else model.args.eos_token_id
     stream = not a.json and len(prompts) == 1 and tok is not None
     printed: list[int] = []
@@ -168,15 +166,6 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def weights_path(model) -> str:
-    """Which linear path runs: 'fp8-triton' or 'fp8-torch' (weights kept e4m3, GEMM by Triton or by the
-    dequantising reference) or 'dequantised' (converted once at load)."""
-    from mtp_spec.kernels import FP8, backend
-
-    w = next((p for p in model.parameters() if p.dtype == FP8), None)
-    return "dequantised" if w is None else f"fp8-{backend(w)}"
-
-
 def cmd_convert(a) -> int:
     from mtp_spec.checkpoint import convert_to_bf16
 
@@ -189,15 +178,16 @@ def cmd_convert(a) -> int:
 def cmd_init_random(a) -> int:
     from mtp_spec.config import ModelArgs
     from mtp_spec.random_model import write_random_checkpoint
-    from mtp_spec.tokenizer import write_byte_tokenizer
+    from mtp_spec.tokenizer import byte_tokenizer_files
 
     args = ModelArgs.from_name(a.preset)
     if a.no_fp8:
         args = args.with_(fp8=False)
+    if not a.shard_mb > 0:
+        raise ValueError(f"--shard-mb must be > 0, got {a.shard_mb}")
+    files = byte_tokenizer_files() if args.vocab_size >= 260 else None
     path = write_random_checkpoint(a.dst, args, seed=a.seed, dtype=DTYPES[a.dtype],
-                                   max_shard_bytes=int(a.shard_mb * 2**20))
-    if args.vocab_size >= 260:
-        write_byte_tokenizer(path)
+                                   max_shard_bytes=int(a.shard_mb * 2**20), extra_files=files)
     print(path)
     return 0
 
@@ -312,14 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtp_spec.checkpoint import CheckpointError
-    from mtp_spec.config import ConfigError
-
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, ConfigError, CheckpointError, FileNotFoundError, RuntimeError, KeyError) as e:
-        print(f"mtp-spec: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:  # ConfigError, CheckpointError are ValueErrors
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mtp-spec: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+from mtp_spec.io import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -18,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelArgs:
-    model_type: str = "deepseek_v3"  # or "deepseek_v2"
+    model_type: str = "deepseek_v3"  # or "deepseek_v2", or "kimi_k2" (the V3 architecture, other sizes)
     vocab_size: int = 129280
     dim: int = 7168
     inter_dim: int = 18432
@@ -57,9 +60,14 @@ class ModelArgs:
     eos_token_id: int | None = 1
     fp8: bool = True  # quantization_config present: e4m3 weights with 128x128 scales
     torch_dtype: str = "bfloat16"
-    extra: dict = field(default_factory=dict, compare=False)  # HF keys kept for a faithful rewrite
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # the config.json read, for rewrites
 
     # --- derived ---------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        """The architecture: 'deepseek_v3' or 'deepseek_v2' (kimi_k2 is the V3 architecture)."""
+        return "deepseek_v2" if self.model_type == "deepseek_v2" else "deepseek_v3"
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -80,8 +88,8 @@ class ModelArgs:
         for f in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "kv_lora_rank",
                   "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             need(getattr(self, f) > 0, HF_NAMES.get(f, f), "must be > 0")
-        need(self.model_type in ("deepseek_v3", "deepseek_v2"), "model_type",
-             f"'{self.model_type}' is not deepseek_v3 or deepseek_v2")
+        need(self.model_type in MODEL_TYPES, "model_type",
+             f"'{self.model_type}' is not one of {', '.join(MODEL_TYPES)}")
         need(self.score_func in ("sigmoid", "softmax"), "scoring_func",
              f"'{self.score_func}' is not sigmoid or softmax")
         need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"), "topk_method",
@@ -116,14 +124,18 @@ class ModelArgs:
     # --- HF config.json ----------------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> ModelArgs:
-        cfg = dict(cfg)
-        unknown = sorted(k for k in cfg if k not in _KNOWN_HF_KEYS)
-        if unknown:
-            raise ConfigError(f"{source}: unknown config field(s) {unknown}")
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        raw, cfg = cfg, dict(cfg)
         model_type = cfg.get("model_type")
         if model_type is None:
             raise ConfigError(f"{source}: missing config field 'model_type'")
-        required = _REQUIRED_V3 if model_type == "deepseek_v3" else _REQUIRED_V2
+        check_model_type(cfg, source)
+        unknown = sorted(k for k in cfg if k not in _KNOWN_HF_KEYS)
+        if unknown:  # as transformers does: newer releases and fine-tunes add keys; keep and ignore them
+            warnings.warn(f"{source}: ignoring config field(s) mtp-spec does not know: {', '.join(unknown)}",
+                          stacklevel=2)
+        required = _REQUIRED_V2 if model_type == "deepseek_v2" else _REQUIRED_V3
         missing = [k for k in required if k not in cfg]
         if missing:
             raise ConfigError(f"{source}: missing config field(s) {missing}")
@@ -154,24 +166,50 @@ class ModelArgs:
         kw.update(_read_rope(cfg, source))
         kw["fp8"] = _read_quant(cfg.get("quantization_config"), source)
         kw["torch_dtype"] = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
-        kw["extra"] = {k: cfg[k] for k in _PASSTHROUGH if k in cfg}
+        kw["raw"] = raw
         return cls(**kw).validate()
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ModelArgs:
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise ConfigError(f"{p}: no config.json")
-        try:
-            cfg = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        return cls.from_hf(cfg, source=str(p))
+        return cls.from_hf(read_config_json(path), source=str(config_path(path)))
 
     def to_hf(self) -> dict:
-        arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        """The HF config.json. A config that was read from a file is rewritten key for key: every
+        original key and value stays, and only the keys of fields that changed are rewritten."""
+        fresh = self._fresh_hf()
+        if not self.raw:
+            return fresh
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            before = ModelArgs.from_hf(self.raw)
+        out = json.loads(json.dumps(self.raw))  # a deep copy
+        for f in fields(self):
+            if f.name == "raw" or getattr(self, f.name) == getattr(before, f.name):
+                continue
+            if f.name in HF_NAMES:
+                out[HF_NAMES[f.name]] = fresh[HF_NAMES[f.name]]
+            elif f.name == "fp8":
+                out.pop("quantization_config", None)
+                if self.fp8:
+                    out["quantization_config"] = fresh["quantization_config"]
+            elif f.name == "torch_dtype":
+                for key in ("torch_dtype", "dtype"):
+                    if key in out or key == "torch_dtype":
+                        out[key] = self.torch_dtype
+            elif f.name in _ROPE_FIELDS:
+                rs = out.get("rope_scaling") if isinstance(out.get("rope_scaling"), dict) else None
+                if rs is None or not self.rope_scaling:
+                    out["rope_scaling"] = fresh["rope_scaling"]
+                else:
+                    for key, value in (fresh["rope_scaling"] or {}).items():
+                        if key != "type":
+                            rs[key] = value
+            else:
+                out[f.name] = fresh.get(f.name, getattr(self, f.name))
+        return out
+
+    def _fresh_hf(self) -> dict:
+        arch = "DeepseekV2ForCausalLM" if self.model_type == "deepseek_v2" else "DeepseekV3ForCausalLM"
         cfg: dict = {"architectures": [arch], "model_type": self.model_type}
         for ours, theirs in HF_NAMES.items():
             cfg[theirs] = getattr(self, ours)
@@ -193,16 +231,13 @@ class ModelArgs:
         if self.fp8:
             cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
         cfg["torch_dtype"] = self.torch_dtype
-        cfg.update(self.extra)
         return cfg
 
     def save(self, path: str | os.PathLike) -> None:
-        from mtp_spec.checkpoint import atomic_write_text
-
         atomic_write_text(Path(path) / "config.json", json.dumps(self.to_hf(), indent=2) + "\n")
 
-    @classmethod
-    def from_name(cls, name: str) -> ModelArgs:
+    @staticmethod
+    def from_name(name: str) -> ModelArgs | LlamaArgs:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset '{name}'; choose from {sorted(PRESETS)}")
         return PRESETS[name]
@@ -230,9 +265,6 @@ HF_NAMES = {
     "n_mtp_layers": "num_nextn_predict_layers", "tie_word_embeddings": "tie_word_embeddings",
     "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
 }
-_INT_FIELDS = {f.name for f in fields(ModelArgs) if f.type in ("int", "int | None")}
-_FLOAT_FIELDS = {f.name for f in fields(ModelArgs) if f.type == "float"}
-_BOOL_FIELDS = {f.name for f in fields(ModelArgs) if f.type == "bool"}
 _REQUIRED_V3 = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                 "num_hidden_layers", "num_attention_heads", "n_routed_experts", "num_experts_per_tok",
                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -240,27 +272,75 @@ _REQUIRED_V3 = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermedi
 _REQUIRED_V2 = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                 "v_head_dim"]
-# Keys HF writes that carry no architecture (or that we check separately).
-_PASSTHROUGH = ["auto_map", "aux_loss_alpha", "ep_size", "seq_aux", "pretraining_tp", "use_cache",
-                "initializer_range", "attention_dropout", "transformers_version", "pad_token_id"]
-_KNOWN_HF_KEYS = set(HF_NAMES.values()) | set(_PASSTHROUGH) | {
+# Keys we read and check (or know to carry no architecture); other keys are kept and ignored, with a warning.
+_KNOWN_HF_KEYS = set(HF_NAMES.values()) | {
     "architectures", "model_type", "num_key_value_heads", "hidden_act", "attention_bias",
     "rope_scaling", "rope_parameters", "rope_interleave", "quantization_config", "torch_dtype",
     "dtype", "mlp_bias", "head_dim", "output_router_logits", "qk_head_dim", "router_aux_loss_coef",
+    "auto_map", "aux_loss_alpha", "ep_size", "seq_aux", "pretraining_tp", "use_cache", "initializer_range",
+    "attention_dropout", "transformers_version", "pad_token_id", "scale_fmt",
 }
+_ROPE_FIELDS = {"rope_scaling", "rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale",
+                "mscale_all_dim"}
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+# Model types of DeepSeek's lineage whose architecture differs: say what is missing.
+_NOT_IMPLEMENTED = {
+    "deepseek_v32": "DeepSeek-V3.2's sparse attention (the lightning indexer: index_n_heads, index_head_dim, "
+                    "index_topk) is not implemented",
+    "deepseek": "DeepSeek-MoE v1 (softmax gate without MLA) is not implemented",
+}
+
+
+def check_model_type(cfg: dict, source: str) -> None:
+    """Accept the DeepSeek-V3/V2 architectures (kimi_k2 included); refuse others with what they lack."""
+    mt = cfg.get("model_type")
+    if mt in _NOT_IMPLEMENTED:
+        raise ConfigError(f"{source}: config field 'model_type' is {mt!r}: {_NOT_IMPLEMENTED[mt]}")
+    if mt not in MODEL_TYPES:
+        raise ConfigError(f"{source}: config field 'model_type' is {mt!r}; mtp-spec runs "
+                          f"{', '.join(MODEL_TYPES)} (the DeepSeek-V3/V2 architectures) and llama")
+    archs = cfg.get("architectures") or []
+    if mt == "kimi_k2" and archs and "DeepseekV3ForCausalLM" not in archs:
+        raise ConfigError(f"{source}: model_type 'kimi_k2' with architectures {archs}: only the "
+                          "DeepseekV3ForCausalLM architecture is supported")
+
+
+def config_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / "config.json" if p.is_dir() else p
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The parsed config.json of a checkpoint directory (or the file itself), with named errors."""
+    p = config_path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no config.json" if p.name == "config.json" else f"{p}: no such file")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
 FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
 
 
-def _check_types(kw: dict, source: str) -> None:
+def _check_types(kw: dict, source: str, names: dict | None = None, cls: type | None = None) -> None:
+    names = HF_NAMES if names is None else names
+    cls = cls or ModelArgs
+    types = {f.name: f.type for f in fields(cls)}
     for k, v in kw.items():
-        name = HF_NAMES.get(k, k)
-        if k in _BOOL_FIELDS and not isinstance(v, bool):
+        name = names.get(k, k)
+        kind = types.get(k)
+        if kind == "bool" and not isinstance(v, bool):
             raise ConfigError(f"{source}: config field '{name}' must be a bool, got {v!r}")
-        if k in _INT_FIELDS and (isinstance(v, bool) or not isinstance(v, int)):
+        if kind in ("int", "int | None") and (isinstance(v, bool) or not isinstance(v, int)):
             raise ConfigError(f"{source}: config field '{name}' must be an integer, got {v!r}")
-        if k in _FLOAT_FIELDS and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ConfigError(f"{source}: config field '{name}' must be a number, got {v!r}")
+        if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ConfigError(f"{source}: config field '{name}' must be a finite number, got {v!r}")
         if k in ("score_func", "topk_method") and not isinstance(v, str):
             raise ConfigError(f"{source}: config field '{name}' must be a string, got {v!r}")
 
@@ -268,11 +348,14 @@ def _check_types(kw: dict, source: str) -> None:
 def _read_rope(cfg: dict, source: str) -> dict:
     rs = cfg.get("rope_scaling")
     rp = cfg.get("rope_parameters")
-    if rs is None and isinstance(rp, dict) and rp.get("rope_type", "default") != "default":
+    for key, v in (("rope_scaling", rs), ("rope_parameters", rp)):
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{source}: config field '{key}' must be an object or null, got {v!r}")
+    if rs is None and rp is not None and rp.get("rope_type", "default") != "default":
         rs = rp
     out: dict = {}
-    if isinstance(rp, dict) and "rope_theta" in rp:
-        out["rope_theta"] = float(rp["rope_theta"])
+    if rp is not None and "rope_theta" in rp:
+        out["rope_theta"] = _number(rp["rope_theta"], "rope_parameters.rope_theta", source)
     if not rs:
         out["rope_scaling"] = False
         return out
@@ -282,22 +365,35 @@ def _read_rope(cfg: dict, source: str) -> dict:
     for key in ("factor", "original_max_position_embeddings"):
         if key not in rs:
             raise ConfigError(f"{source}: missing config field 'rope_scaling.{key}'")
-    out.update(rope_scaling=True, rope_factor=float(rs["factor"]),
-               original_seq_len=int(rs["original_max_position_embeddings"]),
-               beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1),
-               mscale=float(rs.get("mscale") or 0), mscale_all_dim=float(rs.get("mscale_all_dim") or 0))
+    num = lambda key, default: _number(rs.get(key) or default, f"rope_scaling.{key}", source)
+    orig = rs["original_max_position_embeddings"]
+    if isinstance(orig, bool) or not isinstance(orig, int):
+        raise ConfigError(f"{source}: config field 'rope_scaling.original_max_position_embeddings' must be an "
+                          f"integer, got {orig!r}")
+    out.update(rope_scaling=True, rope_factor=num("factor", 1.0), original_seq_len=orig,
+               beta_fast=num("beta_fast", 32), beta_slow=num("beta_slow", 1), mscale=num("mscale", 0),
+               mscale_all_dim=num("mscale_all_dim", 0))
     return out
+
+
+def _number(v, name: str, source: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{source}: config field '{name}' must be a finite number, got {v!r}")
+    return float(v)
 
 
 def _read_quant(q: dict | None, source: str) -> bool:
     if q is None:
         return False
+    if not isinstance(q, dict):
+        raise ConfigError(f"{source}: config field 'quantization_config' must be an object, got {q!r}")
     if q.get("quant_method") != "fp8":
         raise ConfigError(f"{source}: config field 'quantization_config.quant_method' is "
                           f"{q.get('quant_method')!r}; only 'fp8' is supported")
     if q.get("fmt", "e4m3") != "e4m3":
         raise ConfigError(f"{source}: config field 'quantization_config.fmt' must be 'e4m3'")
-    if list(q.get("weight_block_size", [128, 128])) != [128, 128]:
+    block = q.get("weight_block_size", [128, 128])
+    if not isinstance(block, list) or block != [128, 128]:
         raise ConfigError(f"{source}: config field 'quantization_config.weight_block_size' must be [128, 128]")
     return True
 
@@ -307,7 +403,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 _V3 = ModelArgs()
-PRESETS: dict[str, ModelArgs] = {
+PRESETS: dict[str, ModelArgs | LlamaArgs] = {
     "deepseek-v3-671b": _V3,
     "deepseek-r1-671b": _V3,
     "deepseek-v2-236b": ModelArgs(
@@ -348,3 +444,117 @@ PRESETS: dict[str, ModelArgs] = {
         qk_rope_head_dim=8, v_head_dim=16, original_seq_len=64, rope_factor=4.0, mscale=0.707,
         mscale_all_dim=0.707, max_seq_len=256, n_mtp_layers=0, fp8=False),
 }
+
+
+# --- the Llama family (SmolLM2 and its kin) -------------------------------------------------------------
+@dataclass(frozen=True)
+class LlamaArgs:
+    """A Llama-family decoder: GQA attention with RoPE (rotate-half layout), SwiGLU MLP, RMSNorm,
+    optionally tied embeddings. Its MTP layer (DeepSeek's structure with a Llama block) is not in
+    config.json: it lives in the checkpoint's `mtp.safetensors`, whose metadata sets n_mtp_layers."""
+
+    model_type: str = "llama"
+    vocab_size: int = 49152
+    dim: int = 576
+    inter_dim: int = 1536
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 8192
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    torch_dtype: str = "bfloat16"
+    n_mtp_layers: int = 0
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    family = "llama"
+    fp8 = False
+
+    def validate(self) -> LlamaArgs:
+        for f in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"config field '{_LLAMA_NAMES.get(f, f)}': must be > 0")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"config field 'num_key_value_heads': {self.n_kv_heads} does not divide "
+                              f"num_attention_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError("config field 'head_dim': must be even (RoPE rotates pairs)")
+        return self
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> LlamaArgs:
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in cfg]
+        if missing:
+            raise ConfigError(f"{source}: missing config field(s) {missing}")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise ConfigError(f"{source}: config field '{key}' true is not supported for llama")
+        rs = cfg.get("rope_scaling")
+        if rs and not _default_rope(rs):
+            raise ConfigError(f"{source}: config field 'rope_scaling' = {rs!r} is not supported for llama "
+                              "(only plain RoPE)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: config field 'hidden_act' {cfg['hidden_act']!r} is not silu")
+        kw: dict = {}
+        for ours, theirs in _LLAMA_NAMES.items():
+            if cfg.get(theirs) is not None:
+                kw[ours] = cfg[theirs]
+        kw.setdefault("n_kv_heads", kw["n_heads"])
+        kw.setdefault("head_dim", kw["dim"] // kw["n_heads"])
+        rp = cfg.get("rope_parameters")
+        if isinstance(rp, dict) and "rope_theta" in rp:
+            kw["rope_theta"] = rp["rope_theta"]
+        _check_types(kw, source, _LLAMA_NAMES, LlamaArgs)
+        kw["rope_theta"] = float(kw.get("rope_theta", 10000.0))
+        kw["norm_eps"] = float(kw.get("norm_eps", 1e-6))
+        kw["torch_dtype"] = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+        return cls(**kw, raw=cfg).validate()
+
+    def to_hf(self) -> dict:
+        out = json.loads(json.dumps(self.raw)) if self.raw else {"architectures": ["LlamaForCausalLM"],
+                                                                 "model_type": "llama", "hidden_act": "silu"}
+        for ours, theirs in _LLAMA_NAMES.items():
+            out[theirs] = getattr(self, ours)
+        out["torch_dtype"] = self.torch_dtype
+        return out
+
+    def with_(self, **kw) -> LlamaArgs:
+        return replace(self, **kw).validate()
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path) / "config.json", json.dumps(self.to_hf(), indent=2) + "\n")
+
+
+_LLAMA_NAMES = {
+    "vocab_size": "vocab_size", "dim": "hidden_size", "inter_dim": "intermediate_size",
+    "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings",
+    "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+}
+
+
+def _default_rope(rs) -> bool:
+    return isinstance(rs, dict) and rs.get("rope_type", rs.get("type", "default")) == "default"
+
+
+def args_from_hf(cfg: dict, source: str = "config.json") -> ModelArgs | LlamaArgs:
+    """Model arguments from an HF config dict, by its model_type."""
+    if isinstance(cfg, dict) and cfg.get("model_type") == "llama":
+        return LlamaArgs.from_hf(cfg, source)
+    return ModelArgs.from_hf(cfg, source)
+
+
+def read_args(path: str | os.PathLike) -> ModelArgs | LlamaArgs:
+    """The model arguments of a checkpoint directory, by its config.json's model_type."""
+    return args_from_hf(read_config_json(path), str(config_path(path)))
+
+
+PRESETS["smollm2-135m"] = LlamaArgs()  # the real model's shapes (its weights come from the GGUF import)
+PRESETS["tiny-llama"] = LlamaArgs(vocab_size=512, dim=128, inter_dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                                  head_dim=32, max_seq_len=256, n_mtp_layers=1)

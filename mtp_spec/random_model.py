@@ -35,7 +35,8 @@ def random_state(args: ModelArgs, seed: int = 0, std: float = 0.02) -> dict[str,
 
 def write_random_checkpoint(path: str | os.PathLike, args: ModelArgs | str = "tiny", seed: int = 0,
                             dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 4 << 30,
-                            std: float = 0.02) -> Path:
+                            std: float = 0.02, extra_files: dict[str, str] | None = None) -> Path:
     if isinstance(args, str):
         args = ModelArgs.from_name(args)
-    return write_checkpoint(random_state(args, seed, std), args, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return write_checkpoint(random_state(args, seed, std), args, path, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                            extra_files=extra_files)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+from mtp_spec.io import atomic_write_text
+
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 # DeepSeek-V3's template, reduced to system/user/assistant turns.
@@ -24,14 +26,24 @@ class TextTokenizer:
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the Rust library raises its own exception type
+            raise ValueError(f"{path / 'tokenizer.json'}: not a valid tokenizer ({e})") from None
         cfg_file = path / "tokenizer_config.json"
-        self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        try:
+            self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+        if not isinstance(self.config, dict):
+            raise ValueError(f"{cfg_file}: expected a JSON object")
         self.path = path
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
         bos = self.token_id(self.config.get("bos_token"))
+        # a tokenizer_config may name a bos it never prepends (SmolLM2: add_bos_token false)
+        add_bos = add_bos and self.config.get("add_bos_token", True)
         return ([bos] if add_bos and bos is not None else []) + ids
 
     def decode(self, ids: list[int]) -> str:
@@ -67,10 +79,9 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer | None:
     return TextTokenizer(path) if (Path(path) / "tokenizer.json").exists() else None
 
 
-def write_byte_tokenizer(path: str | os.PathLike) -> None:
+def byte_tokenizer_files() -> dict[str, str]:
     """A byte-level tokenizer (256 byte tokens, then bos/eos/user/assistant) in HF format, for
-    random demo checkpoints that have no trained tokenizer."""
-    path = Path(path)
+    random demo checkpoints that have no trained tokenizer: file name -> contents."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -78,7 +89,11 @@ def write_byte_tokenizer(path: str | os.PathLike) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([BOS, EOS, USER, ASSISTANT])
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, len(vocab))])
-    tok.save(str(path / "tokenizer.json"))
     cfg = {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "add_eos_token": False,
            "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE}
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(cfg, indent=2, ensure_ascii=False)}
+
+
+def write_byte_tokenizer(path: str | os.PathLike) -> None:
+    for name, text in byte_tokenizer_files().items():
+        atomic_write_text(Path(path) / name, text)

@@ -55,7 +55,7 @@ def test_every_strategy_gives_the_same_greedy_text(ckpt, capsys, strategy):
 @pytest.mark.parametrize("argv,msg", [
     (["--prompt-ids", "1,2", "--k", "0"], "--k must be >= 1"),
     (["--prompt-ids", "1,x"], "comma-separated"),
-    (["--prompt-ids", "1," * 300 + "1"], "prompt 0 has 301 tokens"),  # the tiny context is 256
+    (["--prompt-ids", "1," * 300 + "1"], "301-token prompt"),  # the tiny context is 256
     (["--prompt-file", "/nonexistent.txt"], "no such file"),
     (["--prompt-ids", "1,2", "--strategy", "draft-model"], "needs --draft-model"),
 ])

@@ -40,11 +40,12 @@ def test_missing_field_is_named(field):
         ModelArgs.from_hf(cfg)
 
 
-def test_unknown_field_is_named():
+def test_unknown_field_is_a_warning_that_names_it():
     cfg = _cfg()
     cfg["hiden_size"] = 3
-    with pytest.raises(ConfigError, match="hiden_size"):
-        ModelArgs.from_hf(cfg)
+    with pytest.warns(UserWarning, match="hiden_size"):
+        args = ModelArgs.from_hf(cfg)
+    assert args == ModelArgs.from_name("tiny")
 
 
 @pytest.mark.parametrize("field,value", [

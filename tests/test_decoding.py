@@ -46,13 +46,12 @@ class SteeredMTP(MTPProposer):
         super().__init__(model, k)
         self.refs, self.rng = refs, random.Random(seed)
 
-    def propose(self, seqs, rows, sp):
-        out = super().propose(seqs, rows, sp)
-        for d, r in zip(out, rows):
-            n = len(seqs[r].tokens)
-            ref = self.refs[r][n:n + len(d)]
+    def propose(self, st, sp):
+        out = super().propose(st, sp)
+        for r, toks in enumerate(st.tokens):
+            ref = self.refs[r][len(toks):len(toks) + out.n]
             cut = self.rng.randint(0, len(ref))
-            d.tokens[:cut] = ref[:cut]
+            out.tokens[r, :cut] = torch.tensor(ref[:cut], dtype=torch.long)
         return out
 
 
@@ -125,11 +124,11 @@ class OracleTree(Proposer):
         self.refs, self.k, self.w, self.vocab, self.rng = refs, k, width, vocab, random.Random(seed)
         self.max_nodes = k * width
 
-    def propose(self, seqs, rows, sp):
+    def propose(self, st, sp):
         out = []
-        for r in rows:
-            n = len(seqs[r].tokens)
-            ref = self.refs[r][n:n + self.k]
+        for r, tokens in enumerate(st.tokens):
+            n = len(tokens)
+            ref = self.refs[r][n:n + self.k] if st.active[r] else []
             toks, parents, prev = [], [], -1
             for t in ref:
                 right = self.rng.randrange(self.w)
@@ -170,13 +169,13 @@ def test_mtp_chain_drafts_equal_an_uncached_recomputation(model):
     h = model(ids).hidden_states
     prop = MTPProposer(model, 3)
     prop.reset(1, 64)
-    from mtp_spec.decoding.proposers import SeqState
+    from mtp_spec.decoding.proposers import DecodeState
 
     nxt = int(model(ids).logits[0, -1].argmax())
-    seq = SeqState(ids[0].tolist() + [nxt], 7, torch.Generator(), new_hidden=h[0],
-                   new_tokens=ids[0, 1:].tolist() + [nxt])
-    drafts = prop.propose([seq], [0], SamplingParams())[0].tokens
     toks = torch.tensor([ids[0, 1:].tolist() + [nxt]])
+    st = DecodeState([ids[0].tolist() + [nxt]], [True], [torch.Generator()], [7], torch.tensor([nxt]),
+                     torch.tensor([True]), hidden=h, next_tokens=toks, n_new=torch.tensor([7]))
+    drafts = prop.propose(st, SamplingParams()).tokens[0].tolist()
     out = model.mtp(toks, h)
     assert drafts[0] == int(out.logits[0, -1].argmax())
     hid = torch.cat([h, out.hidden_states[:, -1:]], 1)
@@ -205,14 +204,13 @@ def test_rollback_leaves_caches_equal_to_a_fresh_prefill_of_the_accepted_text(mo
         out = model(text[:, :n], cache=fresh)
         cache = eng.last_cache
         assert int(cache.lengths[i]) == n
-        for layer in range(len(cache.kv)):
-            torch.testing.assert_close(cache.kv[layer][i, :n], fresh.kv[layer][0, :n], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(cache.pe[layer][i, :n], fresh.pe[layer][0, :n], rtol=1e-4, atol=1e-5)
+        for a, b in zip(cache.tensors(), fresh.tensors()):
+            torch.testing.assert_close(a[i, :n], b[0, :n], rtol=1e-4, atol=1e-5)
         m = int(prop.cache.lengths[i])
         assert 0 < m < n  # pairs up to the last extend; the newest ones would be extended next step
         fresh_mtp = model.mtp.new_cache(1, 64)
         model.mtp(text[:, 1:m + 1], out.hidden_states[:, :m], cache=fresh_mtp)
-        torch.testing.assert_close(prop.cache.kv[0][i, :m], fresh_mtp.kv[0][0, :m], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(prop.cache.layer(0)[0][i, :m], fresh_mtp.layer(0)[0][0, :m], rtol=1e-4, atol=1e-5)
 
 
 def test_metrics_arithmetic_on_hand_made_steps():
@@ -265,7 +263,7 @@ def test_bad_input_gives_clear_errors(model, tmp_path):
         MTPProposer(model, 0)
     with pytest.raises(ValueError, match="k must be >= 1"):
         NGramProposer(0)
-    from mtp_spec.cli import make_proposer
+    from mtp_spec.decoding.strategies import make_proposer
 
     with pytest.raises(ValueError, match="unknown strategy 'medusa'"):
         make_proposer("medusa", model, 2)

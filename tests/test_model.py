@@ -35,9 +35,11 @@ def test_ragged_starts_equal_separate_sequences(model):
     lens = [5, 12, 1]
     seqs = [torch.randint(0, model.args.vocab_size, (n + 4,), generator=g) for n in lens]
     cache = model.new_cache(3, 32)
-    for b, s in enumerate(seqs):  # prefill each row alone, to its own length
-        model(s[None, : lens[b]], cache=cache, rows=torch.tensor([b]))
-        cache.lengths[b] = lens[b]
+    padded = torch.zeros(3, max(lens), dtype=torch.long)
+    for b, s in enumerate(seqs):  # one right-padded prefill; each row's pad writes are scratch
+        padded[b, : lens[b]] = s[: lens[b]]
+    model(padded, cache=cache)
+    cache.lengths = torch.tensor(lens)
     new = torch.stack([s[lens[b]:] for b, s in enumerate(seqs)])
     got = model(new, cache=cache).logits
     for b, s in enumerate(seqs):

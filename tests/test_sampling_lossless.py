@@ -88,6 +88,6 @@ def test_the_chi_square_check_catches_a_biased_verifier(models, monkeypatch):
     """Negative control: accepting every draft gives the draft's distribution, and the test sees it."""
     target, draft = models
     sp = SamplingParams(temperature=1.0)
-    monkeypatch.setattr(verify_mod, "uniform", lambda gen: 0.0)
+    monkeypatch.setattr(verify_mod, "uniforms", lambda gens, n, device: torch.zeros(len(gens), n, device=device))
     samples, _, _ = run(target, DraftModelProposer(draft, 2), sp)
     assert chi_square_p(samples, exact_joint(target, sp)) < 1e-6

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mtp_spec
-from mtp_spec.cli import default_model, shipped_model_dir
 from mtp_spec.decoding.engine import Engine
 from mtp_spec.decoding.proposers import MTPProposer, Proposer
+from mtp_spec.loader import default_model, shipped_model_dir
 from mtp_spec.tokenizer import load_tokenizer
 
 SHIPPED = shipped_model_dir()

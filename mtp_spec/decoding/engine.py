@@ -1,7 +1,13 @@
-"""The one decode loop: prefill, then propose -> verify -> accept -> roll back -> record.
+"""The one decode loop, in phases: prefill, then propose -> verify -> accept -> emit, until done.
 
-Batches are ragged: every sequence has its own cache length and accepts its own number of tokens
-per step. A finished sequence (eos, max_new_tokens, stop string) simply leaves the active set.
+    prefill   the prompts fill the cache; the first token of every row is chosen
+    propose   the proposer drafts (b, n) tokens, on the device where it can
+    verify    one forward of the newest token plus the drafts, under a chain or tree mask
+    accept    the batched verifier picks each row's accepted path and next token; caches roll back
+    emit      the one read-back of the step; tokens are committed and stop rules applied on the host
+
+Batches are ragged: every row has its own cache length and accepts its own number of tokens per step.
+Rows that finish stay in the batch with fixed shapes (inactive) so every step has the same shapes.
 """
 
 from __future__ import annotations
@@ -12,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtp_spec.decoding.proposers import Proposer, SeqState
-from mtp_spec.decoding.sampling import SamplingParams
-from mtp_spec.decoding.verify import Drafts, Relaxed, verify
+from mtp_spec.decoding.proposers import DecodeState, Proposer
+from mtp_spec.decoding.sampling import SamplingParams, probs
+from mtp_spec.decoding.verify import Accepted, DraftBatch, Relaxed, sample_rows, verify_batch
 from mtp_spec.metrics import SpecMetrics
 
 
@@ -24,6 +30,20 @@ class Result:
     finish_reason: str  # "eos" | "length" | "stop"
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
     lossy: bool = False  # relaxed acceptance was on: the output may differ from the target model's
+
+
+@dataclass
+class _Run:
+    """Per-call settings and outputs, so the phases take one argument."""
+
+    sp: SamplingParams
+    max_new: int
+    eos_id: int | None
+    stop: list[str] | None
+    decode: Callable[[list[int]], str] | None
+    on_tokens: Callable[[int, list[int]], None] | None
+    results: list[Result]
+    t0: float
 
 
 class Engine:
@@ -39,111 +59,133 @@ class Engine:
         """Generate for a batch of token-id prompts. `on_tokens(i, ids)` streams each request's new
         tokens as they are accepted. Stop strings need `decode`."""
         sp = sp or SamplingParams()
-        model, prop = self.model, self.proposer
         self._check(prompts, max_new_tokens, stop, decode)
-        dev = next(model.parameters()).device
-        n = len(prompts)
-        max_len = max(len(p) for p in prompts) + max_new_tokens + prop.max_nodes + 2
-        cache = self.last_cache = model.new_cache(n, max_len)
-        prop.reset(n, max_len)
-        seqs = [SeqState(list(p), len(p), torch.Generator().manual_seed(seed * 1_000_003 + i))
-                for i, p in enumerate(prompts)]
-        results = [Result([], "length", lossy=self.relaxed is not None) for _ in prompts]
-        t0 = time.perf_counter()
+        run = _Run(sp, max_new_tokens, eos_id, stop, decode, on_tokens,
+                   [Result([], "length", lossy=self.relaxed is not None) for _ in prompts], time.perf_counter())
+        st = self.prefill(prompts, seed, run)
+        while any(st.active):
+            drafts = self.propose(st, run)
+            logits = self.verify(st, drafts)
+            acc = self.accept(st, drafts, logits, run)
+            self.emit(st, drafts, acc, run)
+        return run.results
 
-        # prefill: the whole (right-padded) batch at once; each row's pad writes are scratch
-        lens = [len(p) for p in prompts]
-        toks = torch.zeros(n, max(lens), dtype=torch.long)
+    # --- phases -------------------------------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]], seed: int, run: _Run) -> DecodeState:
+        """Run the right-padded prompts (each row's pad writes are scratch) and pick every first token."""
+        model, prop = self.model, self.proposer
+        dev = next(model.parameters()).device
+        b = len(prompts)
+        max_len = max(len(p) for p in prompts) + run.max_new + prop.max_nodes + 2
+        cache = self.last_cache = model.new_cache(b, max_len)
+        prop.reset(b, max_len)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        toks = torch.zeros(b, int(lens.max()), dtype=torch.long)
         for i, p in enumerate(prompts):
             toks[i, : len(p)] = torch.tensor(p)
-        out = model(toks.to(dev), cache=cache, start=torch.zeros(n, dtype=torch.long, device=dev),
-                    absorb=self.absorb)
-        hidden = self._hidden(out)
-        for i in range(n):
-            tok = verify(out.logits[i, lens[i] - 1: lens[i]], Drafts(), sp, seqs[i].gen).token
-            cache.lengths[i] = lens[i]
-            if hidden is not None:
-                seqs[i].new_hidden, seqs[i].new_tokens = hidden[i, : lens[i]], prompts[i][1:] + [tok]
-            results[i].metrics.ttft_s = time.perf_counter() - t0
-            self._append(i, [tok], seqs, results, max_new_tokens, eos_id, stop, decode, on_tokens, t0)
+        toks = toks.to(dev)
+        cache.lengths.zero_()
+        out = model(toks, cache=cache, logits_at=(lens - 1)[:, None], absorb=self.absorb)
+        cache.lengths.copy_(lens)
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(b)]
+        first = out.logits[:, 0].argmax(-1) if run.sp.greedy else sample_rows(probs(out.logits[:, 0], run.sp), gens)
+        st = DecodeState([list(p) for p in prompts], [True] * b, gens, [len(p) for p in prompts], first,
+                         torch.ones(b, dtype=torch.bool, device=dev))
+        if prop.wants_hidden:
+            st.hidden = self._hidden(out)
+            nxt = torch.cat([toks[:, 1:], torch.zeros_like(toks[:, :1])], 1)
+            st.next_tokens = nxt.scatter(1, (lens - 1)[:, None], first[:, None])
+            st.n_new = lens
+        ttft = time.perf_counter() - run.t0
+        for i, t in enumerate(first.tolist()):
+            run.results[i].metrics.ttft_s = ttft
+            self._commit(st, i, [t], run)
+        return st
 
-        while rows := [i for i in range(n) if not seqs[i].done]:
-            drafts = prop.propose(seqs, rows, sp)
-            inp, tree, pos = self._verify_inputs(seqs, rows, drafts, cache, dev)
-            rows_t = torch.tensor(rows, device=dev)
-            start = cache.lengths[rows_t]
-            out = model(inp, cache=cache, start=start, rows=rows_t, tree_mask=tree, positions=pos,
-                        absorb=self.absorb)
-            hidden = self._hidden(out)
-            for j, i in enumerate(rows):
-                d = drafts[j]
-                v = verify(out.logits[j, : 1 + len(d)], d, sp, seqs[i].gen, self.relaxed)
-                new = [d.tokens[p] for p in v.path] + [v.token]
-                if v.path != list(range(len(v.path))):  # a tree branch: move its cache entries into place
-                    s0 = int(start[j]) + 1
-                    _move(cache, i, [s0 + p for p in v.path], list(range(s0, s0 + len(v.path))))
-                cache.lengths[i] = int(start[j]) + 1 + len(v.path)
-                if hidden is not None:
-                    seqs[i].new_hidden = hidden[j, [0] + [1 + p for p in v.path]]
-                    seqs[i].new_tokens = new
-                results[i].metrics.record(len(d), len(v.path))
-                self._append(i, new, seqs, results, max_new_tokens, eos_id, stop, decode, on_tokens, t0)
-                cache.lengths[i] = len(seqs[i].tokens) - 1  # tokens cut by a stop are dropped here too
-        return results
+    def propose(self, st: DecodeState, run: _Run) -> DraftBatch:
+        drafts = self.proposer.propose(st, run.sp)
+        if drafts is None:
+            return DraftBatch(torch.zeros(len(st.tokens), 0, dtype=torch.long, device=st.device))
+        if isinstance(drafts, list):
+            return DraftBatch.from_lists(drafts, st.device, width=self.proposer.max_nodes)
+        return drafts
 
-    def _hidden(self, out) -> torch.Tensor | None:
-        if not self.proposer.wants_hidden:
-            return None
-        return out.hidden_states if self.proposer.hidden_input == "post" else out.prenorm_hidden
+    def verify(self, st: DecodeState, drafts: DraftBatch) -> torch.Tensor:
+        """One forward of [newest token, drafts...] per row; logits (b, 1 + n, V)."""
+        cache = self.last_cache
+        inp = torch.cat([st.last[:, None], drafts.tokens.clamp(min=0)], 1)
+        tree = pos = None
+        if drafts.parents is not None:
+            tree = drafts.tree_mask()
+            depth = torch.cat([torch.zeros_like(drafts.tokens[:, :1]), drafts.depths()], 1)
+            pos = cache.lengths[:, None] + depth
+        out = self.model(inp, cache=cache, tree_mask=tree, positions=pos, absorb=self.absorb)
+        self._out = out
+        return out.logits
 
-    def _verify_inputs(self, seqs, rows, drafts: list[Drafts], cache, dev):
-        s = 1 + max(len(d) for d in drafts)
-        inp = torch.zeros(len(rows), s, dtype=torch.long)
-        for j, (i, d) in enumerate(zip(rows, drafts)):
-            inp[j, 0] = seqs[i].tokens[-1]
-            if len(d):
-                inp[j, 1: 1 + len(d)] = torch.tensor(d.tokens)
-        if all(d.is_chain() for d in drafts):
-            return inp.to(dev), None, None
-        mask = torch.zeros(len(rows), s, s, dtype=torch.bool)
-        depth = torch.zeros(len(rows), s, dtype=torch.long)
-        for j, d in enumerate(drafts):
-            mask[j].fill_diagonal_(True)
-            mask[j, :, 0] = True
-            for c, (p, dep) in enumerate(zip(d.parents, d.depths())):
-                depth[j, c + 1] = dep
-                if p >= 0:
-                    mask[j, c + 1] |= mask[j, p + 1]
-            depth[j, 1 + len(d):] = torch.arange(1, s - len(d))  # padding: harmless positions
-        start = cache.lengths[torch.tensor(rows, device=cache.lengths.device)].cpu()
-        return inp.to(dev), mask.to(dev), (start[:, None] + depth).to(dev)
+    def accept(self, st: DecodeState, drafts: DraftBatch, logits: torch.Tensor, run: _Run) -> Accepted:
+        """Verify every row at once, then roll the cache back to each row's accepted path (a tree
+        branch has its entries moved into place) and hand the proposer what was committed."""
+        acc = verify_batch(logits, drafts, run.sp, st.gens, self.relaxed)
+        cache = self.last_cache
+        if drafts.parents is not None and drafts.n:
+            _move_path(cache, acc)
+        cache.lengths = torch.where(st.active_t, cache.lengths + 1 + acc.n, cache.lengths)
+        if self.proposer.wants_hidden:
+            at = torch.cat([torch.zeros_like(acc.path[:, :1]), acc.path + 1], 1)  # root, then the path
+            hidden = self._hidden(self._out)
+            st.hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            path_tokens = drafts.tokens.gather(1, acc.path) if drafts.n else drafts.tokens
+            nxt = torch.cat([path_tokens, torch.zeros_like(acc.token[:, None])], 1)
+            st.next_tokens = nxt.scatter(1, acc.n[:, None], acc.token[:, None])
+            st.n_new = torch.where(st.active_t, acc.n + 1, 0)
+        st.n_acc = acc.n
+        st.last = acc.token
+        return acc
 
-    def _append(self, i, new, seqs, results, max_new, eos_id, stop, decode, on_tokens, t0) -> None:
-        """Commit accepted tokens, cutting at eos, a stop string or max_new_tokens."""
-        seq, res = seqs[i], results[i]
+    def emit(self, st: DecodeState, drafts: DraftBatch, acc: Accepted, run: _Run) -> None:
+        """The step's one read-back: accepted counts, tokens and draft counts of every row."""
+        path_tokens = drafts.tokens.gather(1, acc.path) if drafts.n else drafts.tokens
+        rows = torch.cat([acc.n[:, None], acc.drafted[:, None], path_tokens, acc.token[:, None]], 1).tolist()
+        for i, row in enumerate(rows):
+            if not st.active[i]:
+                continue
+            n, drafted = row[0], row[1]
+            run.results[i].metrics.record(drafted, n)
+            st.lengths[i] += 1 + n
+            self._commit(st, i, row[2:2 + n] + [row[-1]], run)
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def _commit(self, st: DecodeState, i: int, new: list[int], run: _Run) -> None:
+        """Append accepted tokens to row i, cutting at eos, a stop string or max_new_tokens."""
+        res = run.results[i]
         kept, reason = 0, None
         for t in new:
             res.token_ids.append(t)
             kept += 1
-            if eos_id is not None and t == eos_id:
+            if run.eos_id is not None and t == run.eos_id:
                 reason = "eos"
-            elif stop and any(s in decode(res.token_ids) for s in stop):
+            elif run.stop and any(s in run.decode(res.token_ids) for s in run.stop):
                 reason = "stop"
-            elif len(res.token_ids) >= max_new:
+            elif len(res.token_ids) >= run.max_new:
                 reason = "length"
             if reason:
                 break
-        seq.tokens.extend(new[:kept])
-        self._emit(on_tokens, i, new[:kept])
+        st.tokens[i].extend(new[:kept])
+        if run.on_tokens is not None and kept:
+            run.on_tokens(i, new[:kept])
         res.metrics.num_generated = len(res.token_ids)
         if reason:
-            seq.done, res.finish_reason = True, reason
-            res.metrics.total_s = time.perf_counter() - t0
+            st.active[i] = False
+            st.active_t[i] = False
+            if st.n_new is not None:
+                st.n_new[i] = 0  # nothing more for its proposer cache either
+            self.last_cache.lengths[i] = len(st.tokens[i]) - 1  # tokens cut by a stop are dropped here too
+            res.finish_reason = reason
+            res.metrics.total_s = time.perf_counter() - run.t0
 
-    @staticmethod
-    def _emit(on_tokens, i, toks):
-        if on_tokens is not None and toks:
-            on_tokens(i, toks)
+    def _hidden(self, out) -> torch.Tensor:
+        return out.hidden_states if self.proposer.hidden_input == "post" else out.prenorm_hidden
 
     def _check(self, prompts, max_new_tokens, stop, decode) -> None:
         if not prompts:
@@ -164,11 +206,17 @@ class Engine:
                              f"context is {limit} (load with a larger max_len, up to "
                              f"max_position_embeddings={self.model.args.max_seq_len})")
         if stop and decode is None:
-            raise ValueError("stop strings need a tokenizer (decode function)")
+            raise ValueError("--stop: stop strings need a tokenizer (decode function); this model has none")
 
 
-def _move(cache, row: int, src: list[int], dst: list[int]) -> None:
-    s, d = torch.tensor(src), torch.tensor(dst)
-    for kv, pe in zip(cache.kv, cache.pe):
-        kv[row, d] = kv[row, s].clone()
-        pe[row, d] = pe[row, s].clone()
+def _move_path(cache, acc: Accepted) -> None:
+    """Copy the cache entries of each row's accepted tree path (slot start + 1 + node) to the slots
+    right after the root (start + 1 + depth); entries past the path are left as scratch."""
+    b, n = acc.path.shape
+    start = cache.lengths[:, None] + 1
+    depth = torch.arange(n, device=acc.path.device).expand(b, n)
+    src = torch.where(depth < acc.n[:, None], start + acc.path, start + depth)
+    dst = start + depth
+    rows = torch.arange(b, device=src.device)[:, None].expand(b, n)
+    for t in cache.tensors():
+        t.index_put_((rows, dst), t[rows, src])

@@ -1,81 +1,83 @@
-"""Draft proposers. Each turns the committed state of the active sequences into Drafts; the one
-verifier and the one engine loop do the rest. A new strategy is one new class here.
+"""Draft proposers. Each turns the committed state of the batch into drafts; the one verifier and the
+one engine loop do the rest. A new strategy is one new class here (and a line in strategies.py).
 
-A proposer sees, per sequence, `tokens` (prompt + output so far, the last one not yet in the main
-cache) and, for MTP, `new_hidden`/`new_tokens`: the main model's hidden states at the positions
-committed since the last call and the tokens that followed them.
+A proposer reads a `DecodeState`: host lists of every row's tokens, and device tensors of what the
+last step committed (for MTP: the main model's hidden states at those positions and the tokens that
+followed them). Device-side proposers (MTP chain and tree, draft model) return a `DraftBatch` built
+without reading anything back; host-side ones (n-gram, oracles) return a list of `Drafts`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from mtp_spec.decoding.sampling import SamplingParams, probs, sample
-from mtp_spec.decoding.verify import Drafts
+from mtp_spec.decoding.sampling import SamplingParams, probs
+from mtp_spec.decoding.verify import DraftBatch, Drafts, sample_rows, tree_of
 
 
 @dataclass
-class SeqState:
-    tokens: list[int]
-    prompt_len: int
-    gen: torch.Generator
-    new_hidden: torch.Tensor | None = None  # (m, dim)
-    new_tokens: list[int] = field(default_factory=list)  # (m,) token i+1 for hidden state i
-    done: bool = False
+class DecodeState:
+    """The batch as the engine keeps it. Rows that finished stay in the batch (shapes stay fixed)
+    with `active` false; their results are ignored and their caches no longer grow."""
+
+    tokens: list[list[int]]  # per row: prompt + output; the last token is not in the cache yet
+    active: list[bool]
+    gens: list[torch.Generator]
+    lengths: list[int]  # host copy of the main cache's per-row lengths
+    last: torch.Tensor  # (b,) the newest token of each row
+    active_t: torch.Tensor  # (b,) bool, `active` on the device
+    # committed by the last step (device): for position i among them, hidden[i] and the token after it
+    hidden: torch.Tensor | None = None  # (b, s, dim)
+    next_tokens: torch.Tensor | None = None  # (b, s)
+    n_new: torch.Tensor | None = None  # (b,) how many of the s positions are real (0 for finished rows)
+    n_acc: torch.Tensor | None = None  # (b,) drafts accepted by the last step (None after prefill)
+
+    @property
+    def device(self) -> torch.device:
+        return self.last.device
 
 
 class Proposer:
     name = "vanilla"
-    wants_hidden = False  # whether the engine must hand over main-model hidden states
+    wants_hidden = False  # whether the engine must keep main-model hidden states for `propose`
     max_nodes = 0  # most draft tokens per step, for sizing caches
 
     def reset(self, batch: int, max_len: int) -> None:
         """Called once per generate() with the batch size and the cache length it needs."""
 
-    def propose(self, seqs: list[SeqState], rows: list[int], sp: SamplingParams) -> list[Drafts]:
-        return [Drafts() for _ in rows]
+    def propose(self, st: DecodeState, sp: SamplingParams) -> DraftBatch | list[Drafts] | None:
+        return None
 
 
-def _pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, list[int]]:
-    lens = [len(s) for s in seqs]
-    out = torch.zeros(len(seqs), max(lens), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out.to(device), lens
-
-
-def _pick(logits: torch.Tensor, sp: SamplingParams, gen, sample_drafts: bool) -> tuple[int, torch.Tensor | None]:
-    """The draft token from a 1-D logit row: argmax (q one-hot, None) or a sample (q returned)."""
+def _pick(logits: torch.Tensor, sp: SamplingParams, gens, sample_drafts: bool):
+    """Draft tokens from (b, V) logits: argmax (q one-hot: None) or a sample per row (q returned)."""
     if sp.greedy or not sample_drafts:
-        return int(logits.argmax()), None
+        return logits.argmax(-1), None
     q = probs(logits, sp)
-    return sample(q, gen), q
+    return sample_rows(q, gens), q
 
 
-def _draft_chain(logits: torch.Tensor, step, seqs: list[SeqState], rows: list[int], sp: SamplingParams, k: int,
-                 sample_drafts: bool) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
-    """k drafts per row, autoregressively: pick from `logits`, then `step(j, tokens (n, 1))` gives the
-    next logits. Returns the tokens and, for sampled drafts, their distributions q."""
-    toks: list[list[int]] = [[] for _ in rows]
-    qs: list[list[torch.Tensor]] = [[] for _ in rows]
+def _chain(logits: torch.Tensor, step, st: DecodeState, sp: SamplingParams, k: int,
+           sample_drafts: bool) -> DraftBatch:
+    """k drafts per row, autoregressively: pick from `logits`, then `step(j, tokens (b,))` gives the
+    next logits. q is kept when the drafts were sampled."""
+    toks, qs = [], []
     for j in range(k):
-        for i, r in enumerate(rows):
-            t, q = _pick(logits[i], sp, seqs[r].gen, sample_drafts)
-            toks[i].append(t)
-            if q is not None:
-                qs[i].append(q)
+        t, q = _pick(logits, sp, st.gens, sample_drafts)
+        toks.append(t)
+        qs.append(q)
         if j < k - 1:
-            logits = step(j, torch.tensor([[t[-1]] for t in toks], device=logits.device))
-    return toks, qs
+            logits = step(j, t)
+    return DraftBatch(torch.stack(toks, 1), None, torch.stack(qs, 1) if qs[0] is not None else None)
 
 
 class MTPProposer(Proposer):
     """A chain of k drafts from the MTP module, reusing it recursively (vLLM / SGLang style).
 
     Each call first runs a "draft extend": the MTP layer consumes the pairs (h_i, t_{i+1}) committed
-    since last time, which fills its cache for them and yields draft 1 at the newest position. Draft
+    by the last step, which fills its cache for them and yields draft 1 at the newest position. Draft
     j > 1 feeds the MTP block's own output state and draft j-1 one position on; those cache entries
     are scratch and are overwritten by the next extend."""
 
@@ -99,36 +101,27 @@ class MTPProposer(Proposer):
     def reset(self, batch: int, max_len: int) -> None:
         self.cache = self.mtp.new_cache(batch, max_len + self.max_nodes + 1)
 
-    def _extend(self, seqs: list[SeqState], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = self.cache.lengths.device
-        toks, m = _pad([seqs[r].new_tokens for r in rows], dev)
-        dim = seqs[rows[0]].new_hidden.shape[-1]
-        hid = torch.zeros(len(rows), toks.shape[1], dim, dtype=seqs[rows[0]].new_hidden.dtype, device=dev)
-        for i, r in enumerate(rows):
-            hid[i, : m[i]] = seqs[r].new_hidden
-        rows_t = torch.tensor(rows, device=dev)
-        out = self.mtp(toks, hid, depth=0, cache=self.cache, start=self.cache.lengths[rows_t], rows=rows_t)
-        last = torch.tensor(m, device=dev) - 1
-        ar = torch.arange(len(rows), device=dev)
-        self.cache.lengths[rows_t] += torch.tensor(m, device=dev)
-        for r in rows:
-            seqs[r].new_hidden, seqs[r].new_tokens = None, []
-        return out.logits[ar, last], out.hidden_states[ar, last]
+    def _extend(self, st: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP layer over the newly committed pairs; logits and state at each row's newest one."""
+        last = (st.n_new - 1).clamp(min=0)
+        out = self.mtp(st.next_tokens, st.hidden, depth=0, cache=self.cache, start=self.cache.lengths,
+                       logits_at=last[:, None])
+        self.cache.lengths += st.n_new
+        h = out.hidden_states.gather(1, last[:, None, None].expand(-1, 1, out.hidden_states.shape[-1]))
+        return out.logits[:, 0], h[:, 0]
 
     @torch.no_grad()
-    def propose(self, seqs, rows, sp):
-        logits, h = self._extend(seqs, rows)
-        rows_t = torch.tensor(rows, device=logits.device)
+    def propose(self, st, sp):
+        logits, h = self._extend(st)
         state = {"h": h}
 
-        def step(j: int, inp: torch.Tensor) -> torch.Tensor:
-            out = self.mtp(inp, state["h"][:, None], depth=j + 1, cache=self.cache,
-                           start=self.cache.lengths[rows_t] + j, rows=rows_t)
+        def step(j: int, t: torch.Tensor) -> torch.Tensor:
+            out = self.mtp(t[:, None], state["h"][:, None], depth=j + 1, cache=self.cache,
+                           start=self.cache.lengths + j)
             state["h"] = out.hidden_states[:, 0]
             return out.logits[:, 0]
 
-        toks, qs = _draft_chain(logits, step, seqs, rows, sp, self.k, self.sample_drafts)
-        return [Drafts.chain(t, torch.stack(q) if q else None) for t, q in zip(toks, qs)]
+        return _chain(logits, step, st, sp, self.k, self.sample_drafts)
 
 
 class MTPTreeProposer(MTPProposer):
@@ -146,49 +139,32 @@ class MTPTreeProposer(MTPProposer):
         self.max_nodes = k * width
 
     @torch.no_grad()
-    def propose(self, seqs, rows, sp):
-        logits, h_root = self._extend(seqs, rows)
+    def propose(self, st, sp):
+        logits, h_root = self._extend(st)
         dev = logits.device
-        n, b = len(rows), self.width
-        rows_t = torch.tensor(rows, device=dev)
+        n, b = logits.shape[0], self.width
         lp = logits.float().log_softmax(-1)
         top = lp.topk(b, dim=-1)
-        tokens = top.indices  # (n, nodes)
-        scores = top.values
+        tokens, scores = top.indices, top.values  # (n, nodes)
         parents = torch.full((n, b), -1, dtype=torch.long, device=dev)
-        level = list(range(b))  # node indices of the newest level
+        level = torch.arange(b, device=dev)  # node indices of the newest level
         node_h = h_root[:, None].expand(-1, b, -1)  # each node's input: its parent's MTP output state
-        base = self.cache.lengths[rows_t][:, None]
+        base = self.cache.lengths[:, None]
         for _ in range(2, self.k + 1):
-            mask, depths = _tree_mask(parents)
-            out = self.mtp(tokens, node_h, depth=0, cache=self.cache, start=base[:, 0], rows=rows_t,
-                           tree_mask=mask, positions=base + depths - 1)
+            mask, depths = tree_of(parents)
+            out = self.mtp(tokens, node_h, depth=0, cache=self.cache, start=base[:, 0], tree_mask=mask,
+                           positions=base + depths - 1)
             lp = out.logits[:, level].float().log_softmax(-1)  # (n, b, V)
             best = (scores[:, level, None] + lp).view(n, -1).topk(b, dim=-1)
             vocab = lp.shape[-1]
-            new_par = torch.tensor(level, device=dev)[best.indices // vocab]
+            new_par = level[best.indices // vocab]
             dim = out.hidden_states.shape[-1]
             node_h = torch.cat([node_h, out.hidden_states.gather(1, new_par[..., None].expand(-1, -1, dim))], 1)
-            level = list(range(tokens.shape[1], tokens.shape[1] + b))
+            level = torch.arange(tokens.shape[1], tokens.shape[1] + b, device=dev)
             tokens = torch.cat([tokens, best.indices % vocab], 1)
             scores = torch.cat([scores, best.values], 1)
             parents = torch.cat([parents, new_par], 1)
-        return [Drafts(tokens[i].tolist(), parents[i].tolist()) for i in range(n)]
-
-
-def _tree_mask(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, s) parent indices (-1 root) -> (n, s, s) ancestor-or-self mask and (n, s) depths (1-based)."""
-    n, s = parents.shape
-    mask = torch.eye(s, dtype=torch.bool, device=parents.device).expand(n, s, s).clone()
-    depth = torch.ones(n, s, dtype=torch.long, device=parents.device)
-    for j in range(s):  # parents precede children
-        p = parents[:, j]
-        has = p >= 0
-        if has.any():
-            pj = p.clamp(min=0)
-            mask[has, j] |= mask[has, pj[has]]
-            depth[has, j] = depth[has, pj[has]] + 1
-    return mask, depth
+        return DraftBatch(tokens, parents)
 
 
 class NGramProposer(Proposer):
@@ -205,8 +181,9 @@ class NGramProposer(Proposer):
         self.k, self.n_max, self.n_min = k, n_max, n_min
         self.max_nodes = k
 
-    def propose(self, seqs, rows, sp):
-        return [Drafts.chain(lookup(seqs[r].tokens, self.k, self.n_max, self.n_min)) for r in rows]
+    def propose(self, st, sp):
+        return [Drafts.chain(lookup(t, self.k, self.n_max, self.n_min) if a else [])
+                for t, a in zip(st.tokens, st.active)]
 
 
 def lookup(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
@@ -222,7 +199,10 @@ def lookup(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
 
 class DraftModelProposer(Proposer):
     """A smaller checkpoint with the same tokenizer drafts k tokens autoregressively with its own cache.
-    Its cache entries for drafts that the target accepts stay valid; the rest are overwritten."""
+
+    Its cache follows the main one: after a step that accepted n drafts, the entries it wrote for
+    drafts 1..min(n, k-1) are right and stay; it then runs the one or two committed tokens it has not
+    seen (draft k when all were accepted, and the target's token)."""
 
     name = "draft-model"
 
@@ -234,33 +214,39 @@ class DraftModelProposer(Proposer):
 
     def reset(self, batch: int, max_len: int) -> None:
         self.cache = self.draft.new_cache(batch, max_len + self.k + 1)
-        self.scratch: dict[int, list[int]] = {}
+        self.prev: torch.Tensor | None = None  # last step's drafts
+
+    def _catch_up(self, st: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, s) tokens the draft cache lacks, right-padded, and their counts."""
+        if self.prev is None:  # first call: the whole prompt and the first output token
+            seqs = [t if a else t[:1] for t, a in zip(st.tokens, st.active)]
+            toks = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+            for i, t in enumerate(seqs):
+                toks[i, : len(t)] = torch.tensor(t)
+            count = torch.tensor([len(t) if a else 0 for t, a in zip(seqs, st.active)])
+            return toks.to(st.device), count.to(st.device)
+        full = st.n_acc == self.k
+        kept = self.cache.lengths - (self.k - 1) + st.n_acc.clamp(max=self.k - 1)  # drop rejected scratch
+        self.cache.lengths = torch.where(st.active_t, kept, self.cache.lengths)
+        first = torch.where(full, self.prev[:, -1], st.last)
+        count = torch.where(st.active_t, 1 + full.long(), 0)
+        return torch.stack([first, st.last], 1), count
 
     @torch.no_grad()
-    def propose(self, seqs, rows, sp):
-        dev = self.cache.lengths.device
-        for r in rows:  # keep the cache entries of scratch drafts that turned out to be committed
-            done = int(self.cache.lengths[r])
-            ahead = seqs[r].tokens[done:]
-            keep = 0
-            for a, b in zip(self.scratch.get(r, []), ahead):
-                if a != b:
-                    break
-                keep += 1
-            self.cache.lengths[r] = done + min(keep, len(ahead) - 1)
-        rows_t = torch.tensor(rows, device=dev)
-        new, m = _pad([seqs[r].tokens[int(self.cache.lengths[r]):] for r in rows], dev)
-        out = self.draft(new, cache=self.cache, start=self.cache.lengths[rows_t], rows=rows_t)
-        logits = out.logits[torch.arange(len(rows), device=dev), torch.tensor(m, device=dev) - 1]
-        self.cache.lengths[rows_t] += torch.tensor(m, device=dev)
+    def propose(self, st, sp):
+        toks, count = self._catch_up(st)
+        last = (count - 1).clamp(min=0)
+        out = self.draft(toks, cache=self.cache, start=self.cache.lengths, logits_at=last[:, None])
+        self.cache.lengths += count
 
-        def step(j: int, inp: torch.Tensor) -> torch.Tensor:
-            return self.draft(inp, cache=self.cache, start=self.cache.lengths[rows_t] + j, rows=rows_t).logits[:, 0]
+        def step(j: int, t: torch.Tensor) -> torch.Tensor:
+            return self.draft(t[:, None], cache=self.cache, start=self.cache.lengths + j).logits[:, 0]
 
-        toks, qs = _draft_chain(logits, step, seqs, rows, sp, self.k, self.sample_drafts)
-        for i, r in enumerate(rows):
-            self.scratch[r] = toks[i][:-1]
-        return [Drafts.chain(t, torch.stack(q) if q else None) for t, q in zip(toks, qs)]
+        drafts = _chain(out.logits[:, 0], step, st, sp, self.k, self.sample_drafts)
+        # the k-1 chained steps wrote scratch entries; count them so the next call can keep the good ones
+        self.cache.lengths = torch.where(st.active_t, self.cache.lengths + (self.k - 1), self.cache.lengths)
+        self.prev = drafts.tokens
+        return drafts
 
 
 class OracleProposer(Proposer):
@@ -273,9 +259,9 @@ class OracleProposer(Proposer):
         self.refs, self.k, self.vocab, self.wrong = references, k, vocab_size, wrong
         self.max_nodes = k
 
-    def propose(self, seqs, rows, sp):
+    def propose(self, st, sp):
         out = []
-        for r in rows:
-            nxt = self.refs[r][len(seqs[r].tokens):len(seqs[r].tokens) + self.k]
+        for r, (toks, a) in enumerate(zip(st.tokens, st.active)):
+            nxt = self.refs[r][len(toks):len(toks) + self.k] if a else []
             out.append(Drafts.chain([(t + 1) % self.vocab for t in nxt] if self.wrong else nxt))
         return out

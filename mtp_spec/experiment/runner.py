@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from mtp_spec.experiment import schema
+from mtp_spec.experiment.records import read_records, repair_tail
 from mtp_spec.experiment.schema import Cell, Experiment
 
 
@@ -52,31 +53,9 @@ def environment(exp: Experiment, weights: str) -> dict:
     return env
 
 
-def read_records(path: Path) -> list[dict]:
-    """Every complete line; a line cut by a kill is dropped (and its request run again)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _repair_tail(path: Path) -> None:
-    """Drop a half-written last line left by a kill, so the next append starts on a fresh line."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
 class Runner:
     def __init__(self, exp: Experiment):
-        import mtp_spec
-        from mtp_spec.cli import DTYPES
+        from mtp_spec.loader import dtype_of, load
         from mtp_spec.tokenizer import load_tokenizer
 
         self.exp = exp
@@ -91,28 +70,21 @@ class Runner:
                     for p in self.prompts]
         max_new = max(exp.sweep.max_new_tokens)
         kmax = max((max(s.k) * (max(s.tree_width) if s.name == "mtp-tree" else 1) for s in exp.strategies), default=1)
-        self.dtype = DTYPES[exp.dtype]
+        self.dtype = dtype_of(exp.dtype)
         max_len = max(len(i) for i in self.ids) + max_new + kmax + 8
-        self.model = mtp_spec.load(self.model_dir, device=exp.device, dtype=self.dtype, max_len=max_len,
+        self.model = load(self.model_dir, device=exp.device, dtype=self.dtype, max_len=max_len,
                                    mtp_hidden=exp.mtp_hidden)
         self.draft = None
         if exp.draft_model:
-            self.draft = mtp_spec.load(schema.resolve_model(exp.draft_model), device=exp.device, dtype=self.dtype,
+            self.draft = load(schema.resolve_model(exp.draft_model), device=exp.device, dtype=self.dtype,
                                        part="main", max_len=self.model.max_len)
 
     def proposer(self, cell: Cell):
-        from mtp_spec.decoding import proposers as P
+        from mtp_spec.decoding.strategies import make_proposer
 
         spec = next((s for s in self.exp.strategies if s.name == cell.strategy), None)
-        if cell.strategy == "vanilla":
-            return P.Proposer()
-        if cell.strategy == "mtp":
-            return P.MTPProposer(self.model, cell.k)
-        if cell.strategy == "mtp-tree":
-            return P.MTPTreeProposer(self.model, cell.k, cell.tree_width)
-        if cell.strategy == "ngram":
-            return P.NGramProposer(cell.k, n_max=spec.ngram_max)
-        return P.DraftModelProposer(self.draft, cell.k)
+        return make_proposer(cell.strategy, self.model, cell.k, cell.tree_width, self.draft,
+                             spec.ngram_max if spec else 3)
 
     def generate(self, cell: Cell, idx: list[int]):
         from mtp_spec.decoding.engine import Engine
@@ -150,8 +122,8 @@ def run(config: str | Path, out: str | Path = "results", resume: str | Path | No
         dry_run: bool = False, progress: bool = True) -> Path | None:
     from tqdm import tqdm
 
-    from mtp_spec.cli import weights_path
     from mtp_spec.experiment.report import write_summary
+    from mtp_spec.loader import weights_path
 
     exp = schema.load(config)
     if resume:
@@ -180,7 +152,7 @@ def run(config: str | Path, out: str | Path = "results", resume: str | Path | No
                                                             sort_keys=False))
         (run_dir / "env.json").write_text(json.dumps(environment(exp, weights_path(runner.model)), indent=2))
     req_path = run_dir / "requests.jsonl"
-    _repair_tail(req_path)
+    repair_tail(req_path)
     records = read_records(req_path)
     done = {(r["cell"], r["prompt_id"]) for r in records}
     vanilla = {(Cell(**r["cell_fields"]).key(), r["prompt_id"]): r["token_ids"] for r in records

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from mtp_spec.cli import STRATEGIES
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from mtp_spec.decoding.strategies import STRATEGIES
+from mtp_spec.loader import ASSETS, DTYPES
+from mtp_spec.loader import resolve_model as _resolve
 
 
 class ExperimentConfigError(ValueError):
@@ -160,6 +160,10 @@ def parse(raw: dict, source: str = "config") -> Experiment:
         dtype=_typed(raw.get("dtype", "float32"), str, f"{source}: dtype"),
         warmup=_typed(raw.get("warmup", 1), int, f"{source}: warmup"),
         mtp_hidden=_typed(raw.get("mtp_hidden", "post"), str, f"{source}: mtp_hidden"))
+    if exp.dtype not in DTYPES:
+        raise ExperimentConfigError(f"{source}: dtype: {exp.dtype!r} is not one of {', '.join(DTYPES)}")
+    if exp.mtp_hidden not in ("post", "pre"):
+        raise ExperimentConfigError(f"{source}: mtp_hidden: {exp.mtp_hidden!r} is not 'post' or 'pre'")
     if any(s.name == "draft-model" for s in strategies) and not exp.draft_model:
         raise ExperimentConfigError(f"{source}: strategy draft-model needs 'draft_model'")
     resolve_model(exp.model, f"{source}: model")
@@ -182,19 +186,11 @@ def load(path: str | Path) -> Experiment:
 
 
 def resolve_model(name: str, where: str = "model") -> Path:
-    """'shipped' and 'shipped-draft' name the models inside the package; anything else is a directory."""
-    if name in ("shipped", "shipped-draft"):
-        p = ASSETS / ("model" if name == "shipped" else "draft")
-        if not (p / "config.json").exists():
-            from mtp_spec.cli import default_model
-
-            if name == "shipped":
-                return default_model()
-        return p
-    p = Path(name)
-    if not (p / "config.json").exists():
-        raise ExperimentConfigError(f"{where}: {p} is not a checkpoint directory (no config.json)")
-    return p
+    """A model name (see mtp_spec.loader.MODEL_NAMES) or a checkpoint directory."""
+    try:
+        return _resolve(name, where)
+    except ValueError as e:
+        raise ExperimentConfigError(str(e)) from None
 
 
 def resolve_suite(name: str, where: str = "suites") -> Path:

@@ -3,6 +3,10 @@
 Both paths read the same latent cache (normalised c_kv and the roped k_pe). The naive path expands
 c_kv into per-head keys and values with wkv_b; the absorbed path folds wkv_b into the query and the
 output instead, so it never materialises per-head K/V. They must agree; absorbed is the default.
+
+A forward is a function of fixed shapes: it writes the new tokens' latents at their slots and reads
+the first `kv_len` slots of every row under a mask (see `make_step`), so the same compiled code
+serves every step whose shapes match.
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ class Step:
     """What every attention layer needs to know about one forward call."""
 
     positions: torch.Tensor  # (b, s) rotary positions of the new tokens
-    mask: torch.Tensor  # (b, s, T) bool: query i may attend to key slot j
-    cache: KVCache | None = None
-    rows: torch.Tensor | None = None  # (b,) cache rows
+    mask: torch.Tensor  # (b, s, kv_len) bool: query i may attend to key slot j
     slots: torch.Tensor | None = None  # (b, s) cache slots the new tokens are written to
     absorb: bool = True
 
@@ -34,42 +36,39 @@ class Step:
 
 
 def make_step(tokens: torch.Tensor, start: torch.Tensor | None, cache: KVCache | None,
-              rows: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
-              positions: torch.Tensor | None = None, absorb: bool = True) -> Step:
-    """Causal (or tree) mask and positions for new tokens appended at per-sequence `start`.
+              tree_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+              absorb: bool = True) -> Step:
+    """Mask and positions for new tokens (b, s) appended to every row of the cache at per-row `start`.
 
-    tree_mask (b, s, s) or (s, s) says which new tokens see which; it defaults to causal. positions
-    default to start + arange(s); a tree passes start + depth instead."""
+    Attention reads every slot of the preallocated cache (masked), so shapes never depend on lengths;
+    the caller guarantees start + s <= the cache length, from lengths it knows on the host, so nothing
+    here reads a tensor back. tree_mask (b, s, s) or (s, s) says which new tokens see which (default
+    causal); positions default to start + arange(s), a tree passes start + depth."""
     b, s = tokens.shape
     dev = tokens.device
-    if start is None:
-        start = cache.lengths[rows] if cache is not None and rows is not None else (
-            cache.lengths if cache is not None else torch.zeros(b, dtype=torch.long, device=dev))
-    start = start.to(dev)
     ar = torch.arange(s, device=dev)
+    if cache is None:
+        start = torch.zeros(b, dtype=torch.long, device=dev) if start is None else start
+        kv_len = s
+    else:
+        start = cache.lengths if start is None else start
+        kv_len = cache.max_len
     slots = start[:, None] + ar
     if positions is None:
         positions = slots
-    if cache is None:
-        if bool((start != 0).any()):
-            raise ValueError("a forward that starts past position 0 needs a cache")
-        kv_len = s
-    else:
-        if rows is None:
-            rows = torch.arange(b, device=dev)
-        kv_len = int(slots.max()) + 1
-        if kv_len > cache.max_len:
-            raise ValueError(f"sequence needs {kv_len} cache slots but the cache holds {cache.max_len}")
-    key = torch.arange(kv_len, device=dev)
-    rel = key[None, None, :] - start[:, None, None]  # key slot relative to the first new token
+    rel = torch.arange(kv_len, device=dev)[None, None, :] - start[:, None, None]  # key slot - first new slot
     mask = rel <= ar[None, :, None]  # causal: past tokens, and new tokens up to oneself
     if tree_mask is not None:
         tm = tree_mask.to(dev).bool().expand(b, s, s)
         new = (rel >= 0) & (rel < s)
         idx = rel.clamp(0, s - 1).expand(b, s, kv_len)
         mask = torch.where(new, torch.gather(tm, 2, idx), rel < 0)
-    return Step(positions=positions, mask=mask, cache=cache, rows=rows,
-                slots=slots if cache is not None else None, absorb=absorb)
+    return Step(positions=positions, mask=mask, slots=slots if cache is not None else None, absorb=absorb)
+
+
+def cache_widths(args: ModelArgs) -> dict[str, int]:
+    """What MLA caches per token: the normalised latent and the roped key shared by all heads."""
+    return {"latent": args.kv_lora_rank, "k_rope": args.qk_rope_head_dim}
 
 
 class MLA(nn.Module):
@@ -91,24 +90,36 @@ class MLA(nn.Module):
         self.wo = Linear(self.n_heads * self.v_dim, args.dim)
         self.softmax_scale = softmax_scale(args)
         self.rotary = [rotary]  # a list keeps the shared table out of this module's state
+        self.fused: list[Linear] = []  # wq_a and wkv_a as one projection, set at load (outside the state dict)
 
-    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+    def fuse(self) -> None:
+        """One projection for wq_a and wkv_a; the two keep their weights as views of the fused one."""
+        if self.q_lora_rank and (f := Linear.fused([self.wq_a, self.wkv_a])) is not None:
+            self.fused = [f]
+
+    def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        if self.q_lora_rank == 0:
+            q, kv_a = self.wq(x), self.wkv_a(x)
+        else:
+            if self.fused:
+                q_a, kv_a = self.fused[0](x).split([self.q_lora_rank, self.kv_lora_rank + self.rope], dim=-1)
+            else:
+                q_a, kv_a = self.wq_a(x), self.wkv_a(x)
+            q = self.wq_b(self.q_norm(q_a))
         q = q.view(b, s, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         rot = self.rotary[0]
         q_pe = rot(q_pe, step.positions)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_norm(kv)
         k_pe = rot(k_pe, step.positions)
-        if step.cache is not None:
-            ck, cp = step.cache.kv[layer], step.cache.pe[layer]
-            r = step.rows[:, None]
-            ck[r, step.slots] = kv.to(ck.dtype)
-            cp[r, step.slots] = k_pe.to(cp.dtype)
-            kv = ck[step.rows, : step.kv_len].to(x.dtype)
-            k_pe = cp[step.rows, : step.kv_len].to(x.dtype)
+        if cache is not None:
+            ck, cp = cache
+            rows = torch.arange(b, device=x.device)[:, None].expand(b, s)
+            ck.index_put_((rows, step.slots), kv.to(ck.dtype))
+            cp.index_put_((rows, step.slots), k_pe.to(cp.dtype))
+            kv, k_pe = ck.to(x.dtype), cp.to(x.dtype)
         wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         if step.absorb:
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])

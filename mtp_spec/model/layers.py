@@ -27,6 +27,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+# Rows (tokens) up to which a compiled CPU step computes x W^T as one broadcast-multiply-reduce that
+# inductor turns into a single pass over W for all rows: MKL's skinny GEMM reads a weight several times
+# at few rows (see experiments/bench_linear.py for the measurement that set this).
+SMALL_M = 16
+
+
 class Linear(nn.Module):
     """y = x W^T. W is in the model dtype, or stays e4m3 with a 128x128 `scale` (weight_scale_inv)."""
 
@@ -35,6 +41,30 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.scale: torch.Tensor | None = None  # set by the loader when the weight is kept in fp8
+
+    @classmethod
+    def fused(cls, parts: list[Linear]) -> Linear | None:
+        """One Linear whose output is the parts' outputs side by side; each part's weight becomes a view
+        of the fused weight (no copy stays behind). None where the parts cannot share one weight: FP8
+        blocks would straddle a part boundary, or dtypes differ."""
+        ws = [p.weight for p in parts]
+        if len({w.dtype for w in ws}) != 1 or len({w.shape[1] for w in ws}) != 1:
+            return None
+        fp8 = ws[0].dtype == FP8
+        if fp8 and any(w.shape[0] % 128 for w in ws[:-1]):
+            return None
+        out = cls(ws[0].shape[1], sum(w.shape[0] for w in ws))
+        out.weight = nn.Parameter(torch.cat([w.data for w in ws]), requires_grad=False)
+        if fp8:
+            out.scale = torch.cat([p.scale for p in parts])
+        row = 0
+        for p in parts:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(out.weight.data[row:row + n], requires_grad=False)
+            if fp8:
+                p.scale = out.scale[row // 128:(row + n + 127) // 128]
+            row += n
+        return out
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in a float dtype (dequantised when it is fp8)."""
@@ -49,10 +79,9 @@ class Linear(nn.Module):
             from mtp_spec.kernels import fp8_linear
 
             return fp8_linear(x, self.weight, self.scale)
+        if x.device.type == "cpu" and x.numel() <= SMALL_M * x.shape[-1] and torch.compiler.is_compiling():
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
         return F.linear(x, self.weight)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {self.weight.dtype}"
 
 
 def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
@@ -87,22 +116,31 @@ def softmax_scale(args: ModelArgs) -> float:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for positions [0, max_len); pairs (x[2j], x[2j+1]) rotate together."""
+    """cos/sin tables for positions [0, max_len). DeepSeek rotates pairs (x[2j], x[2j+1]) (YaRN when
+    configured); the Llama family rotates halves (x[j], x[j + d/2]), HF's rotate_half layout."""
 
-    def __init__(self, args: ModelArgs, max_len: int):
+    def __init__(self, args, max_len: int):
         super().__init__()
-        inv_freq, cs_scale = rope_inv_freq(args)
+        self.half = args.family == "llama"
+        if self.half:
+            d = args.head_dim
+            inv_freq, cs_scale = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)), 1.0
+        else:
+            inv_freq, cs_scale = rope_inv_freq(args)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos() * cs_scale, persistent=False)
         self.register_buffer("sin", angles.sin() * cs_scale, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (b, s, [h,] d) rotated at positions (b, s). Output is laid out [even' | odd'], like HF's
-        interleaved path; q and k get the same layout, so their dot products are unchanged."""
-        if int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} is beyond the rotary table ({self.cos.shape[0]})")
+        """x (b, s, [h,] d) rotated at positions (b, s). DeepSeek's output is laid out [even' | odd'],
+        like HF's interleaved path; q and k get the same layout, so their dot products are unchanged.
+        Positions must lie inside the table: the engine checks that from lengths it knows (no
+        read-back here)."""
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
         if x.dim() == 4:
             cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
+        if self.half:
+            x1, x2 = x.chunk(2, dim=-1)
+        else:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

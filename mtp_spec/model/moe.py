@@ -19,8 +19,16 @@ class MLP(nn.Module):
         self.w1 = Linear(dim, inter_dim)
         self.w2 = Linear(inter_dim, dim)
         self.w3 = Linear(dim, inter_dim)
+        self.fused: list[Linear] = []  # w1 and w3 as one projection, set at load (outside the state dict)
+
+    def fuse(self) -> None:
+        if (f := Linear.fused([self.w1, self.w3])) is not None:
+            self.fused = [f]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            h1, h3 = self.fused[0](x).chunk(2, dim=-1)
+            return self.w2(F.silu(h1) * h3)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -72,12 +80,39 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed experts (top-k per token by the Gate) plus shared experts.
+
+    Three ways to run the routed experts, picked by shapes alone (so a compiled step never branches
+    on values): `_dense` runs every expert on every token and weighs the unchosen ones by zero (cheapest
+    when experts are few: no gathers, no host sync); `_gathered` gathers the chosen experts' weights per
+    token (few tokens, many experts); `_looped` groups tokens by expert (many tokens: prefill and
+    training; it reads the expert counts back to the host). FP8 weights on a GPU take `_grouped`."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate = Gate(args)
+        self.topk = args.n_activated_experts
         self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
                                if args.n_shared_experts else None)
+        self.stacked: dict[str, torch.Tensor] | None = None
+
+    def stack(self) -> None:
+        """At load: stack every expert's w1|w3 into (E, 2I, D) and w2, transposed, into (E, I, D); the
+        experts keep their weights as views, so nothing is stored twice. FP8 weights use `pack_fp8`."""
+        w1 = [e.w1.weight for e in self.experts]
+        if any(w.dtype == FP8 for w in w1):
+            return
+        inter = w1[0].shape[0]
+        w13 = torch.stack([torch.cat([e.w1.weight.data, e.w3.weight.data]) for e in self.experts])
+        w2t = torch.stack([e.w2.weight.data.T for e in self.experts])
+        for i, e in enumerate(self.experts):
+            e.w1.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
+            e.w3.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
+            e.w2.weight = nn.Parameter(w2t[i].T, requires_grad=False)
+        self.stacked = {"w13": w13, "w2t": w2t}
+        if self.shared_experts is not None:
+            self.shared_experts.fuse()
 
     def pack_fp8(self) -> bool:
         """Stack the experts' e4m3 weights and scales into (E, N, K) tensors that the experts keep as
@@ -116,11 +151,38 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
         packed = getattr(self, "packed", None)
+        n_exp = len(self.experts)
         if packed and backend(x) == "triton" and x.shape[-1] % 128 == 0 and packed["w2"][0].shape[-1] % 128 == 0:
             y = self._grouped(x, weights, idx)
-            if self.shared_experts is not None:
-                y = y + self.shared_experts(x)
-            return y.view(shape)
+        elif self.stacked is not None and n_exp <= 4 * self.topk:
+            y = self._dense(x, weights, idx)
+        elif self.stacked is not None and x.shape[0] * self.topk <= 64:
+            y = self._gathered(x, weights, idx)
+        else:
+            y = self._looped(x, weights, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        w13, w2t = self.stacked["w13"].to(x.dtype), self.stacked["w2t"].to(x.dtype)
+        e, two_i, d = w13.shape
+        h = F.linear(x, w13.reshape(e * two_i, d)).view(-1, e, 2, two_i // 2)
+        a = F.silu(h[:, :, 0]) * h[:, :, 1]  # (t, e, i)
+        combine = torch.zeros(x.shape[0], e, dtype=x.dtype, device=x.device).scatter(1, idx, weights.to(x.dtype))
+        return (a * combine[:, :, None]).reshape(x.shape[0], -1) @ w2t.reshape(-1, d)
+
+    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        t, k = idx.shape
+        w13 = self.stacked["w13"][idx.flatten()].to(x.dtype)  # (t k, 2I, D)
+        w2t = self.stacked["w2t"][idx.flatten()].to(x.dtype)  # (t k, I, D)
+        xs = x.repeat_interleave(k, 0)
+        h = torch.bmm(w13, xs[:, :, None])[:, :, 0]
+        h1, h3 = h.chunk(2, dim=-1)
+        y = torch.bmm((F.silu(h1) * h3)[:, None, :], w2t)[:, 0]
+        return (y.view(t, k, -1) * weights.to(x.dtype)[:, :, None]).sum(1)
+
+    def _looped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x)
         counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
         for e, c in enumerate(counts):
@@ -129,6 +191,4 @@ class MoE(nn.Module):
             tok, slot = torch.where(idx == e)
             out = self.experts[e](x[tok]) * weights[tok, slot, None]
             y.index_add_(0, tok, out.to(y.dtype))
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
+        return y

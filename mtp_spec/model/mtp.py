@@ -14,6 +14,7 @@ is a switch, because which works better is an open question worth measuring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,10 @@ from torch import nn
 
 from mtp_spec.cache import KVCache
 from mtp_spec.config import ModelArgs
-from mtp_spec.model.attention import make_step
+from mtp_spec.model.attention import cache_widths, make_step
+from mtp_spec.model.block import Block
 from mtp_spec.model.layers import Linear, RMSNorm, Rotary
-from mtp_spec.model.transformer import Block
+from mtp_spec.model.steps import StepCompiler
 
 
 @dataclass
@@ -33,40 +35,76 @@ class MTPOutput:
 
 
 class MTPLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, rotary: Rotary):
+    def __init__(self, args: ModelArgs, layer_id: int, rotary: Rotary, block: type[nn.Module] = Block):
         super().__init__()
         self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.enorm = RMSNorm(args.dim, args.norm_eps)
         self.hnorm = RMSNorm(args.dim, args.norm_eps)
         self.eh_proj = Linear(2 * args.dim, args.dim)
-        self.block = Block(args, layer_id, rotary)
+        self.block = block(args, layer_id, rotary)
         self.head_norm = RMSNorm(args.dim, args.norm_eps)  # shared_head.norm
         self.head = Linear(args.dim, args.vocab_size)  # shared_head.head
+        # FR-Spec's sub-vocabulary draft head: only these token ids are scored (None: the full head)
+        self.register_buffer("draft_vocab", None)
+        self.sub_head: list[Linear] = []
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        """Score only `ids` (the most frequent tokens) when drafting; the verifier still uses the main
+        head over the whole vocabulary, so output stays lossless. None restores the full head."""
+        self.draft_vocab, self.sub_head = None, []
+        if ids is None:
+            return
+        ids = ids.to(device=self.head.weight.device, dtype=torch.long)
+        if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.head.out_features:
+            raise ValueError(f"draft vocabulary must be 1-D token ids in [0, {self.head.out_features})")
+        self.draft_vocab = ids
+        sub = Linear(self.head.in_features, len(ids))
+        sub.weight = nn.Parameter(self.head.dense_weight(self.head_norm.weight.dtype)[ids].clone(),
+                                  requires_grad=False)
+        self.sub_head = [sub]
 
 
 class MTP(nn.Module):
-    def __init__(self, args: ModelArgs, rotary: Rotary, hidden_input: str = "post"):
+    def __init__(self, args: ModelArgs, rotary: Rotary, hidden_input: str = "post",
+                 steps: StepCompiler | None = None, block: type[nn.Module] = Block,
+                 cache_widths: Callable[..., dict[str, int]] = cache_widths):
         super().__init__()
+        self.steps = steps or StepCompiler()  # shared with the main model: one switch, one compile count
         self.args = args
-        self.layers = nn.ModuleList(MTPLayer(args, args.n_layers + k, rotary) for k in range(args.n_mtp_layers))
+        self.layers = nn.ModuleList(MTPLayer(args, args.n_layers + k, rotary, block)
+                                    for k in range(args.n_mtp_layers))
         self.hidden_input = hidden_input
+        self.cache_widths = cache_widths
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.layers[0].eh_proj.weight
         dtype = dtype or (p.dtype if p.element_size() > 1 else torch.bfloat16)
-        return KVCache(self.args, len(self.layers), batch, max_len, p.device, dtype)
+        return KVCache(len(self.layers), batch, max_len, self.cache_widths(self.args), p.device, dtype)
 
     def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, depth: int = 0,
                 cache: KVCache | None = None, start: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, absorb: bool = True) -> MTPOutput:
+                tree_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                absorb: bool = True, logits_at: torch.Tensor | None = None) -> MTPOutput:
         """tokens (b, s) are t_{i+1}, hidden (b, s, dim) is h_i; entries sit at the positions of h_i.
         `depth` picks the layer for this draft step (models with several MTP layers use them in turn).
-        Each layer has its own slot in the MTP cache."""
+        Each layer has its own slot in the MTP cache. logits_at (b, m): positions that go through the head."""
         k = depth % len(self.layers)
         layer = self.layers[k]
-        step = make_step(tokens, start, cache, rows, tree_mask, positions, absorb)
-        x = layer.eh_proj(torch.cat([layer.enorm(layer.embed(tokens)), layer.hnorm(hidden)], dim=-1))
-        x = layer.block(x, step, k)
+        step = make_step(tokens, start, cache, tree_mask, positions, absorb)
+        compiled = self.steps.active(tokens.shape[1])
+        x = self.steps.run(_mtp_input, layer, tokens, hidden, compiled=compiled)
+        kv = None if cache is None else cache.layer(k)
+        x = self.steps.run(type(layer.block).forward, layer.block, x, step, kv, compiled=compiled)
         normed = layer.head_norm(x)
-        return MTPOutput(logits=layer.head(normed), hidden_states=normed if self.hidden_input == "post" else x)
+        sel = normed if logits_at is None else normed.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))
+        if layer.sub_head:  # score the draft vocabulary only; every other token gets -inf
+            sub = self.steps.run(Linear.forward, layer.sub_head[0], sel, compiled=compiled)
+            logits = sub.new_full((*sub.shape[:-1], layer.head.out_features), float("-inf"))
+            logits = logits.scatter(-1, layer.draft_vocab.expand_as(sub), sub)
+        else:
+            logits = self.steps.run(Linear.forward, layer.head, sel, compiled=compiled)
+        return MTPOutput(logits=logits, hidden_states=normed if self.hidden_input == "post" else x)
+
+
+def _mtp_input(layer: MTPLayer, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.eh_proj(torch.cat([layer.enorm(layer.embed(tokens)), layer.hnorm(hidden)], dim=-1))

@@ -1,7 +1,11 @@
-"""The DeepSeek-V3/V2 decoder: embedding, blocks (dense first, then MoE), final norm, head.
+"""The decoder: embedding, blocks, final norm, head. DeepSeek-V3/V2 blocks (MLA; dense first, then
+MoE) or Llama-family blocks (GQA, SwiGLU), chosen by the config's family; everything else is shared.
 
-`Transformer.forward` returns logits and hidden states for every position: verification needs all
-of them, and the MTP module consumes the hidden states.
+`Transformer.forward` returns hidden states for every position (the MTP module consumes them) and
+logits for every position, or only at `logits_at` (prefill and draft extend need one row each).
+
+Speed: after `compile_steps()`, forwards of at most STEP_TOKENS tokens per row (decode, verify,
+draft steps) run compiled blocks; longer ones (prefill) run eager. Eager stays the reference.
 """
 
 from __future__ import annotations
@@ -13,62 +17,93 @@ from torch import nn
 
 from mtp_spec.cache import KVCache
 from mtp_spec.config import ModelArgs
-from mtp_spec.model.attention import MLA, Step, make_step
+from mtp_spec.model.attention import cache_widths, make_step
+from mtp_spec.model.block import Block
 from mtp_spec.model.layers import Linear, RMSNorm, Rotary
-from mtp_spec.model.moe import MLP, MoE
+from mtp_spec.model.llama import LlamaBlock
+from mtp_spec.model.llama import cache_widths as llama_cache_widths
+from mtp_spec.model.moe import MoE
+from mtp_spec.model.mtp import MTP
+from mtp_spec.model.steps import StepCompiler
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (b, s, vocab)
+    logits: torch.Tensor  # (b, s, vocab), or (b, m, vocab) at logits_at
     hidden_states: torch.Tensor  # (b, s, dim), after the final norm
     prenorm_hidden: torch.Tensor  # (b, s, dim), the residual stream before it
-
-
-class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, rotary: Rotary):
-        super().__init__()
-        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = MLA(args, rotary)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
-
-    def forward(self, x: torch.Tensor, step: Step, cache_layer: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), step, cache_layer)
-        return x + self.ffn(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, max_len: int | None = None, main: bool = True, mtp: bool = True):
         super().__init__()
-        from mtp_spec.model.mtp import MTP
-
         self.args = args
         self.max_len = max_len or min(args.max_seq_len, 8192)
         self.rotary = Rotary(args, self.max_len)
         self.has_main = main
+        block, self.cache_widths = (LlamaBlock, llama_cache_widths) if args.family == "llama" else (Block, cache_widths)
         if main:
             self.embed = nn.Embedding(args.vocab_size, args.dim)
-            self.layers = nn.ModuleList(Block(args, i, self.rotary) for i in range(args.n_layers))
+            self.layers = nn.ModuleList(block(args, i, self.rotary) for i in range(args.n_layers))
             self.norm = RMSNorm(args.dim, args.norm_eps)
             self.head = Linear(args.dim, args.vocab_size)
-        self.mtp = MTP(args, self.rotary) if mtp and args.n_mtp_layers > 0 else None
+        self.steps = StepCompiler()
+        self.mtp = None
+        if mtp and args.n_mtp_layers > 0:
+            self.mtp = MTP(args, self.rotary, steps=self.steps, block=block, cache_widths=self.cache_widths)
+        if args.family == "llama":  # the post-hoc MTP layer shares the main embedding and head
+            if main and args.tie_word_embeddings:
+                self.head.weight = self.embed.weight
+            for layer in self.mtp.layers if self.mtp is not None and main else []:
+                layer.embed, layer.head = self.embed, self.head
+
+    def materialize(self, device: torch.device | str, keep_fp8: bool = False) -> Transformer:
+        """Finish a model whose parameters were loaded into a meta-built skeleton: rebuild the
+        non-persistent rotary tables on `device`, stack FP8 experts for the grouped kernel, and fuse
+        projections that read the same input."""
+        real = Rotary(self.args, self.max_len).to(device)
+        self.rotary.cos, self.rotary.sin = real.cos, real.sin
+        if self.has_main and self.args.family == "llama" and self.args.tie_word_embeddings:
+            self.head.weight = self.embed.weight  # loading replaced the embedding's parameter
+        if self.mtp is not None and self.has_main and self.args.family == "llama":
+            for layer in self.mtp.layers:
+                layer.embed, layer.head = self.embed, self.head
+        for m in self.modules():
+            if isinstance(m, MoE) and keep_fp8:
+                m.pack_fp8()
+            if isinstance(m, (Block, LlamaBlock)):
+                m.fuse()
+        if self.mtp is not None:
+            for layer in self.mtp.layers:
+                layer.set_draft_vocab(layer.draft_vocab)
+        return self
+
+    def compile_steps(self, mode: str | None = None) -> StepCompiler:
+        """Compile the blocks and the output head for step-sized forwards (MTP layers included)."""
+        self.steps.enable(mode)
+        return self.steps
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         p = next(self.parameters())
         dtype = dtype or (p.dtype if p.is_floating_point() and p.element_size() > 1 else torch.bfloat16)
-        return KVCache(self.args, self.args.n_layers, batch, max_len or self.max_len, p.device, dtype)
+        return KVCache(self.args.n_layers, batch, max_len or self.max_len, self.cache_widths(self.args), p.device,
+                       dtype)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, absorb: bool = True) -> ModelOutput:
-        """Run new tokens (b, s). With a cache, they are appended at per-sequence `start` (default: the
-        cache's lengths); the cache lengths are not changed here, the caller decides what to keep."""
+                tree_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                absorb: bool = True, logits_at: torch.Tensor | None = None) -> ModelOutput:
+        """Run new tokens (b, s). With a cache, they are written at per-row `start` (default: the cache's
+        lengths) and every row attends over its cache; the lengths are not changed here, the caller
+        decides what to keep. logits_at (b, m) picks the positions that go through the head."""
         if not self.has_main:
             raise RuntimeError("this model was loaded with the MTP layer only; load the main model too")
-        step = make_step(tokens, start, cache, rows, tree_mask, positions, absorb)
+        step = make_step(tokens, start, cache, tree_mask, positions, absorb)
+        compiled = self.steps.active(tokens.shape[1])
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, step, i)
+            kv = None if cache is None else cache.layer(i)
+            h = self.steps.run(type(layer).forward, layer, h, step, kv, compiled=compiled)
         normed = self.norm(h)
-        return ModelOutput(logits=self.head(normed), hidden_states=normed, prenorm_hidden=h)
+        sel = normed if logits_at is None else normed.gather(1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
+        logits = self.steps.run(Linear.forward, self.head, sel, compiled=compiled)
+        return ModelOutput(logits=logits, hidden_states=normed, prenorm_hidden=h)

@@ -1,0 +1,41 @@
+"""The strategy registry: a name and its settings -> a Proposer. The CLI, the experiment runner and
+the benchmarks build proposers here, so a new strategy is registered in one place."""
+
+from __future__ import annotations
+
+import torch
+
+from mtp_spec.decoding import proposers as P
+
+STRATEGIES = ("vanilla", "mtp", "mtp-tree", "ngram", "draft-model")
+
+
+def make_proposer(strategy: str, model, k: int, tree_width: int = 2, draft=None, ngram_max: int = 3,
+                  sample_drafts: bool = True) -> P.Proposer:
+    """`draft` is a loaded draft model (a Transformer) or a checkpoint directory for `draft-model`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
+    if strategy == "vanilla":
+        return P.Proposer()
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    if strategy == "mtp":
+        return P.MTPProposer(model, k, sample_drafts=sample_drafts)
+    if strategy == "mtp-tree":
+        return P.MTPTreeProposer(model, k, tree_width)
+    if strategy == "ngram":
+        return P.NGramProposer(k, n_max=ngram_max)
+    if draft is None:
+        raise ValueError("strategy 'draft-model' needs --draft-model DIR")
+    if not isinstance(draft, torch.nn.Module):
+        from mtp_spec.loader import load, resolve_model
+
+        dev = next(model.parameters()).device
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.element_size() > 1)
+        draft = load(resolve_model(draft, "--draft-model"), device=dev, dtype=dtype, part="main",
+                     max_len=model.max_len)
+    if draft.args.vocab_size != model.args.vocab_size:
+        src = getattr(draft, "source", "the draft model")
+        raise ValueError(f"--draft-model {src}: vocab_size {draft.args.vocab_size} differs from the "
+                         f"target's {model.args.vocab_size}; the draft must share the tokenizer")
+    return P.DraftModelProposer(draft, k, sample_drafts=sample_drafts)

@@ -1,0 +1,28 @@
+"""requests.jsonl: one JSON record per line, appended and flushed as each request finishes. A kill
+can cut the last line short; readers drop it and writers repair the tail before appending."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every complete line; a line cut by a kill is dropped (and its request run again)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def repair_tail(path: Path) -> None:
+    """Drop a half-written last line left by a kill, so the next append starts on a fresh line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])

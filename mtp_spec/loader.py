@@ -1,0 +1,139 @@
+"""`mtp_spec.load`: one call from a checkpoint directory (or a model name) to a ready model.
+
+Also the names every front end shares: dtype names, the model names (`shipped`, `shipped-draft`),
+the default model, and which weight path a loaded model runs. The CLI, the experiment runner, the
+notebooks and the tests all load through here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mtp_spec.checkpoint import CheckpointReader, load_state, mtp_file_layers, validate
+from mtp_spec.config import ConfigError, LlamaArgs, ModelArgs, read_args
+from mtp_spec.model import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODEL_NAMES = {"shipped": ASSETS / "model", "shipped-draft": ASSETS / "draft"}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def shipped_model_dir() -> Path:
+    return MODEL_NAMES["shipped"]
+
+
+def default_model() -> Path:
+    """The shipped model, or, if the package lacks it, a random tiny checkpoint written once to a cache dir."""
+    if (shipped_model_dir() / "config.json").exists():
+        return shipped_model_dir()
+    home = Path(os.environ.get("MTP_SPEC_HOME", Path.home() / ".cache" / "mtp-spec"))
+    path = home / "tiny-random-v1"
+    if not (path / "config.json").exists():
+        from mtp_spec.random_model import write_random_checkpoint
+        from mtp_spec.tokenizer import byte_tokenizer_files
+
+        write_random_checkpoint(path, "tiny", seed=0, extra_files=byte_tokenizer_files())
+    print(f"[mtp-spec] no shipped model: using the random tiny checkpoint {path} (its text is noise)",
+          file=sys.stderr)
+    return path
+
+
+def resolve_model(name: str | os.PathLike | None, what: str = "--model") -> Path:
+    """A model name (`shipped`, `shipped-draft`) or a checkpoint directory; None is the default model."""
+    if name is None:
+        return default_model()
+    if str(name) == "shipped":
+        return default_model()
+    if str(name) in MODEL_NAMES:
+        return MODEL_NAMES[str(name)]
+    p = Path(name)
+    if not p.exists():
+        raise ValueError(f"{what} {p}: no such directory (or model name: {', '.join(MODEL_NAMES)})")
+    if not p.is_dir():
+        raise ValueError(f"{what} {p}: is a file; give the checkpoint directory that holds config.json")
+    if not (p / "config.json").exists():
+        raise ValueError(f"{what} {p}: not a checkpoint directory (no config.json)")
+    return p
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A device this machine has, or a ValueError that says why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a torch device (use cpu or cuda[:N])") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         part: str = "all", max_len: int | None = None, keep_fp8: bool | None = None,
+         mtp_hidden: str = "post") -> Transformer:
+    """Load a checkpoint in the HF DeepSeek layout.
+
+    part: "all" (main model and MTP), "main" or "mtp". dtype None means bfloat16 on CUDA and float32
+    on the CPU. FP8 weights are dequantised once at load unless keep_fp8 (default: on CUDA with compute
+    capability >= 8.9). mtp_hidden: feed the MTP module the main model's hidden state "post" or "pre"
+    its final norm."""
+    if part not in ("all", "main", "mtp"):
+        raise ValueError(f"part must be 'all', 'main' or 'mtp', got {part!r}")
+    if mtp_hidden not in ("post", "pre"):
+        raise ValueError(f"mtp_hidden must be 'post' or 'pre', got {mtp_hidden!r}")
+    device = check_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args = model_args(path, with_mtp=part != "main")
+    if part == "mtp" and args.family == "llama":
+        raise ValueError(f"{path}: a Llama-family MTP layer shares the main model's embedding; load part='all'")
+    if part == "mtp" and args.n_mtp_layers == 0:
+        raise ConfigError(f"{path}: config.json has num_nextn_predict_layers 0: there is no MTP layer to load")
+    if max_len is not None and max_len > args.max_seq_len:
+        raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings {args.max_seq_len}")
+    reader = CheckpointReader(path)
+    validate(reader, args, part)
+    if keep_fp8 is None:
+        keep_fp8 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    keep_fp8 = keep_fp8 and args.fp8
+    with torch.device("meta"):
+        model = Transformer(args, max_len=max_len, main=part != "mtp", mtp=part != "main")
+    load_state(model, reader, args, dtype, device, keep_fp8=keep_fp8)
+    model.materialize(device, keep_fp8=keep_fp8)
+    if model.mtp is not None:
+        model.mtp.hidden_input = mtp_hidden
+    model.source = str(path)
+    return model.eval()
+
+
+def model_args(path: str | os.PathLike, with_mtp: bool = True) -> ModelArgs | LlamaArgs:
+    """The checkpoint's arguments; a Llama-family checkpoint gains its MTP layers from mtp.safetensors."""
+    args = read_args(path)
+    if args.family == "llama" and with_mtp and Path(path).is_dir():
+        args = args.with_(n_mtp_layers=mtp_file_layers(path))
+    return args
+
+
+def weights_path(model: torch.nn.Module) -> str:
+    """Which linear path runs: 'fp8-triton' or 'fp8-torch' (weights kept e4m3, GEMM by Triton or by the
+    dequantising reference) or 'dequantised' (converted once at load)."""
+    from mtp_spec.kernels import FP8, backend
+
+    w = next((p for p in model.parameters() if p.dtype == FP8), None)
+    return "dequantised" if w is None else f"fp8-{backend(w)}"

@@ -1,0 +1,80 @@
+"""The Llama family's decoder block: grouped-query attention with RoPE, then a SwiGLU MLP.
+
+It presents the same interface as DeepSeek's `Block` (`forward(x, step, cache)`, `fuse()`), so the
+one `Transformer`, its MTP layer, the caches and the engine run either family unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtp_spec.config import LlamaArgs
+from mtp_spec.model.attention import Step
+from mtp_spec.model.layers import Linear, RMSNorm, Rotary
+from mtp_spec.model.moe import MLP
+
+
+def cache_widths(args: LlamaArgs) -> dict[str, int]:
+    """GQA caches every KV head's key and value per token."""
+    return {"k": args.n_kv_heads * args.head_dim, "v": args.n_kv_heads * args.head_dim}
+
+
+class GQA(nn.Module):
+    """Attention with n_heads queries sharing n_kv_heads keys/values (head h reads KV head h // group)."""
+
+    def __init__(self, args: LlamaArgs, rotary: Rotary):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = Linear(args.dim, self.n_heads * self.hd)
+        self.wk = Linear(args.dim, self.n_kv * self.hd)
+        self.wv = Linear(args.dim, self.n_kv * self.hd)
+        self.wo = Linear(self.n_heads * self.hd, args.dim)
+        self.scale = self.hd ** -0.5
+        self.rotary = [rotary]  # a list keeps the shared table out of this module's state
+        self.fused: list[Linear] = []  # wq, wk, wv as one projection, set at load
+
+    def fuse(self) -> None:
+        if (f := Linear.fused([self.wq, self.wk, self.wv])) is not None:
+            self.fused = [f]
+
+    def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        if self.fused:
+            q, k, v = self.fused[0](x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        rot = self.rotary[0]
+        q = rot(q.view(b, s, self.n_heads, self.hd), step.positions)
+        k = rot(k.view(b, s, self.n_kv, self.hd), step.positions).reshape(b, s, -1)
+        if cache is not None:
+            ck, cv = cache
+            rows = torch.arange(b, device=x.device)[:, None].expand(b, s)
+            ck.index_put_((rows, step.slots), k.to(ck.dtype))
+            cv.index_put_((rows, step.slots), v.to(cv.dtype))
+            k, v = ck.to(x.dtype), cv.to(x.dtype)
+        t = k.shape[1]
+        q = q.view(b, s, self.n_kv, self.n_heads // self.n_kv, self.hd)
+        k, v = k.view(b, t, self.n_kv, self.hd), v.view(b, t, self.n_kv, self.hd)
+        scores = torch.einsum("bskgd,btkd->bskgt", q, k) * self.scale
+        scores = scores.masked_fill(~step.mask[:, :, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        o = torch.einsum("bskgt,btkd->bskgd", probs, v)
+        return self.wo(o.reshape(b, s, self.n_heads * self.hd))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, args: LlamaArgs, layer_id: int, rotary: Rotary):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = GQA(args, rotary)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MLP(args.dim, args.inter_dim)
+
+    def forward(self, x: torch.Tensor, step: Step, kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), step, kv)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def fuse(self) -> None:
+        self.attn.fuse()
+        self.ffn.fuse()
