@@ -378,6 +378,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], args: ModelArgs, path: str 
     """Write config.json, shards (+ index when there are several) atomically: into a temp dir, then rename.
     `state` holds HF names and float tensors; FP8 quantisation follows args.fp8."""
     path = Path(path)
+    args = args.with_(torch_dtype=str(dtype).removeprefix("torch."))  # config.json says what the files hold
     with atomic_dir(path) as tmp:
         if args.family == "llama" and args.n_mtp_layers:  # the MTP layer goes to its own file
             mtp = {k: v for k, v in state.items() if _layer_index(k) >= args.n_layers}

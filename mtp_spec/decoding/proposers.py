@@ -100,12 +100,14 @@ class MTPProposer(Proposer):
 
     def reset(self, batch: int, max_len: int) -> None:
         self.cache = self.mtp.new_cache(batch, max_len + self.max_nodes + 1)
+        self.first = True  # the first extend covers the prompts: not a repeating step shape
 
     def _extend(self, st: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP layer over the newly committed pairs; logits and state at each row's newest one."""
         last = (st.n_new - 1).clamp(min=0)
         out = self.mtp(st.next_tokens, st.hidden, depth=0, cache=self.cache, start=self.cache.lengths,
-                       logits_at=last[:, None])
+                       logits_at=last[:, None], step=not self.first)
+        self.first = False
         self.cache.lengths += st.n_new
         h = out.hidden_states.gather(1, last[:, None, None].expand(-1, 1, out.hidden_states.shape[-1]))
         return out.logits[:, 0], h[:, 0]
@@ -117,7 +119,7 @@ class MTPProposer(Proposer):
 
         def step(j: int, t: torch.Tensor) -> torch.Tensor:
             out = self.mtp(t[:, None], state["h"][:, None], depth=j + 1, cache=self.cache,
-                           start=self.cache.lengths + j)
+                           start=self.cache.lengths + j, step=True)
             state["h"] = out.hidden_states[:, 0]
             return out.logits[:, 0]
 
@@ -153,7 +155,7 @@ class MTPTreeProposer(MTPProposer):
         for _ in range(2, self.k + 1):
             mask, depths = tree_of(parents)
             out = self.mtp(tokens, node_h, depth=0, cache=self.cache, start=base[:, 0], tree_mask=mask,
-                           positions=base + depths - 1)
+                           positions=base + depths - 1, step=True)
             lp = out.logits[:, level].float().log_softmax(-1)  # (n, b, V)
             best = (scores[:, level, None] + lp).view(n, -1).topk(b, dim=-1)
             vocab = lp.shape[-1]
@@ -236,11 +238,12 @@ class DraftModelProposer(Proposer):
     def propose(self, st, sp):
         toks, count = self._catch_up(st)
         last = (count - 1).clamp(min=0)
-        out = self.draft(toks, cache=self.cache, start=self.cache.lengths, logits_at=last[:, None])
+        out = self.draft(toks, cache=self.cache, start=self.cache.lengths, logits_at=last[:, None],
+                         step=self.prev is not None)
         self.cache.lengths += count
 
         def step(j: int, t: torch.Tensor) -> torch.Tensor:
-            return self.draft(t[:, None], cache=self.cache, start=self.cache.lengths + j).logits[:, 0]
+            return self.draft(t[:, None], cache=self.cache, start=self.cache.lengths + j, step=True).logits[:, 0]
 
         drafts = _chain(out.logits[:, 0], step, st, sp, self.k, self.sample_drafts)
         # the k-1 chained steps wrote scratch entries; count them so the next call can keep the good ones

@@ -11,7 +11,7 @@ STRATEGIES = ("vanilla", "mtp", "mtp-tree", "ngram", "draft-model")
 
 
 def make_proposer(strategy: str, model, k: int, tree_width: int = 2, draft=None, ngram_max: int = 3,
-                  sample_drafts: bool = True) -> P.Proposer:
+                  sample_drafts: bool = True, compile: str = "off") -> P.Proposer:
     """`draft` is a loaded draft model (a Transformer) or a checkpoint directory for `draft-model`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
@@ -33,7 +33,7 @@ def make_proposer(strategy: str, model, k: int, tree_width: int = 2, draft=None,
         dev = next(model.parameters()).device
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.element_size() > 1)
         draft = load(resolve_model(draft, "--draft-model"), device=dev, dtype=dtype, part="main",
-                     max_len=model.max_len)
+                     max_len=model.max_len, compile=compile)
     if draft.args.vocab_size != model.args.vocab_size:
         src = getattr(draft, "source", "the draft model")
         raise ValueError(f"--draft-model {src}: vocab_size {draft.args.vocab_size} differs from the "

@@ -47,6 +47,7 @@ def _pool(g: pd.DataFrame) -> pd.Series:
         "tokens_per_s": g["batch_tokens_per_s"].mean(), "rep_tps": list(rep.values),
         "ttft_s": g["ttft_s"].mean(), "tpot_s": g["tpot_s"].mean(),
         "lossless_violations": int((g["lossless"] == False).sum()),  # noqa: E712 (None means unchecked)
+        "lossless_ties": int((g["lossless"] == "tie").sum()),  # divergences at a numerical tie (see runner)
         "lossless_checked": int(g["lossless"].notna().sum()),
     })
 
@@ -87,8 +88,8 @@ def table(s: pd.DataFrame) -> str:
     cols = ["run", "strategy", "k", "tree_width", "temperature", "batch_size", "category", "requests", "AL", "AR",
             "per_pos", "tokens_per_s", "speedup", "lossless"]
     t = s.copy()
-    t["lossless"] = [("-" if c == 0 else ("OK" if v == 0 else f"FAIL {v}/{c}"))
-                     for v, c in zip(t["lossless_violations"], t["lossless_checked"])]
+    t["lossless"] = [("-" if c == 0 else ("OK" if v == 0 else f"FAIL {v}/{c}") + (f" ({n} ties)" if n else ""))
+                     for v, n, c in zip(t["lossless_violations"], t["lossless_ties"], t["lossless_checked"])]
     t["speedup"] = [f"{x:.2f}" + (f" [{a:.2f}, {b:.2f}]" if not math.isnan(a) else "")
                     for x, a, b in zip(t["speedup"], t["speedup_lo"], t["speedup_hi"])]
     if t["run"].nunique() == 1:

@@ -28,6 +28,7 @@ import yaml
 from mtp_spec.experiment import schema
 from mtp_spec.experiment.records import read_records, repair_tail
 from mtp_spec.experiment.schema import Cell, Experiment
+from mtp_spec.io import atomic_write_text
 
 
 def config_hash(exp: Experiment) -> str:
@@ -47,7 +48,7 @@ def environment(exp: Experiment, weights: str) -> dict:
 
     env = {"mtp_spec": mtp_spec.__version__, "python": platform.python_version(), "torch": torch.__version__,
            "platform": platform.platform(), "device": exp.device, "dtype": exp.dtype, "commit": git_commit(),
-           "threads": torch.get_num_threads(), "weights": weights}
+           "threads": torch.get_num_threads(), "weights": weights, "compile": exp.compile}
     if exp.device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -73,11 +74,11 @@ class Runner:
         self.dtype = dtype_of(exp.dtype)
         max_len = max(len(i) for i in self.ids) + max_new + kmax + 8
         self.model = load(self.model_dir, device=exp.device, dtype=self.dtype, max_len=max_len,
-                                   mtp_hidden=exp.mtp_hidden)
+                          mtp_hidden=exp.mtp_hidden, compile=exp.compile)
         self.draft = None
         if exp.draft_model:
             self.draft = load(schema.resolve_model(exp.draft_model), device=exp.device, dtype=self.dtype,
-                                       part="main", max_len=self.model.max_len)
+                              part="main", max_len=self.model.max_len, compile=exp.compile)
 
     def proposer(self, cell: Cell):
         from mtp_spec.decoding.strategies import make_proposer
@@ -98,6 +99,22 @@ class Runner:
         if self.exp.device.startswith("cuda"):
             torch.cuda.synchronize()
         return res, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def divergence(self, prompt: list[int], ref: list[int], got: list[int]) -> dict:
+        """Where a greedy output first left vanilla's, and vanilla's top-2 logit margin there. A margin
+        within the rounding of the weights' dtype is a numerical tie: a forward of k+1 tokens need not
+        round like one of a single token (unless every kernel is batch-invariant), so either token
+        is the model's greedy choice. A larger margin is a real violation."""
+        pos = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+        ids = torch.tensor([prompt + ref[:pos]], device=next(self.model.parameters()).device)
+        top = self.model(ids, logits_at=torch.tensor([[ids.shape[1] - 1]], device=ids.device)).logits[0, 0]
+        best = top.float().topk(2)
+        margin = float(best.values[0] - best.values[1])
+        eps = torch.finfo(self.dtype).eps * float(best.values.abs().max()) * 8  # 8: accumulated rounding
+        return {"position": pos, "vanilla_token": ref[pos] if pos < len(ref) else None,
+                "token": got[pos] if pos < len(got) else None, "margin": margin, "tie_threshold": eps,
+                "tie": margin <= eps}
 
     def warmup(self) -> None:
         seen = set()
@@ -179,6 +196,9 @@ def run(config: str | Path, out: str | Path = "results", resume: str | Path | No
                     vanilla[(cell.key(), p["id"])] = r.token_ids
                 elif cell.temperature == 0 and ref is not None:
                     rec["lossless"] = r.token_ids == ref
+                    if not rec["lossless"]:
+                        rec["divergence"] = runner.divergence(runner.ids[i], ref, r.token_ids)
+                        rec["lossless"] = "tie" if rec["divergence"]["tie"] else False
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -187,6 +207,11 @@ def run(config: str | Path, out: str | Path = "results", resume: str | Path | No
                 bar.update(1)
             bar.set_postfix(AL=f"{1 + accepted / drafts:.2f}" if drafts else "-")
     bar.close()
+    env_file = run_dir / "env.json"
+    if env_file.exists():  # how the step path ran, compile time included, for the report
+        env = json.loads(env_file.read_text())
+        env["steps"] = runner.model.steps.summary()
+        atomic_write_text(env_file, json.dumps(env, indent=2))
     violations = write_summary(run_dir)
     if violations:
         print(f"LOSSLESS CHECK FAILED: {violations} request(s) differ from vanilla at T=0 (see {run_dir}/summary.csv)",

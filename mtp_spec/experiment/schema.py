@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from mtp_spec.decoding.strategies import STRATEGIES
-from mtp_spec.loader import ASSETS, DTYPES
+from mtp_spec.loader import ASSETS, COMPILE, DTYPES
 from mtp_spec.loader import resolve_model as _resolve
 
 
@@ -69,6 +69,7 @@ class Experiment:
     dtype: str = "float32"
     warmup: int = 1
     mtp_hidden: str = "post"
+    compile: str = "auto"  # off | on | auto, as `generate --compile`
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +124,7 @@ def _check_keys(d, allowed: set, where: str) -> None:
 
 def parse(raw: dict, source: str = "config") -> Experiment:
     top = {"name", "model", "draft_model", "suites", "prompts_per_suite", "strategies", "sweep", "device",
-           "dtype", "warmup", "mtp_hidden"}
+           "dtype", "warmup", "mtp_hidden", "compile"}
     _check_keys(raw, top, source)
     if "name" not in raw:
         raise ExperimentConfigError(f"{source}: missing key 'name'")
@@ -159,7 +160,10 @@ def parse(raw: dict, source: str = "config") -> Experiment:
         strategies=strategies, sweep=sweep, device=_typed(raw.get("device", "cpu"), str, f"{source}: device"),
         dtype=_typed(raw.get("dtype", "float32"), str, f"{source}: dtype"),
         warmup=_typed(raw.get("warmup", 1), int, f"{source}: warmup"),
-        mtp_hidden=_typed(raw.get("mtp_hidden", "post"), str, f"{source}: mtp_hidden"))
+        mtp_hidden=_typed(raw.get("mtp_hidden", "post"), str, f"{source}: mtp_hidden"),
+        compile=_typed(raw.get("compile", "auto"), str, f"{source}: compile"))
+    if exp.compile not in COMPILE:
+        raise ExperimentConfigError(f"{source}: compile: {exp.compile!r} is not one of {', '.join(COMPILE)}")
     if exp.dtype not in DTYPES:
         raise ExperimentConfigError(f"{source}: dtype: {exp.dtype!r} is not one of {', '.join(DTYPES)}")
     if exp.mtp_hidden not in ("post", "pre"):

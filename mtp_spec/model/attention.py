@@ -18,6 +18,7 @@ from torch import nn
 
 from mtp_spec.cache import KVCache
 from mtp_spec.config import ModelArgs
+from mtp_spec.kernels import cpu_linear
 from mtp_spec.model.layers import Linear, RMSNorm, Rotary, softmax_scale
 
 
@@ -29,6 +30,8 @@ class Step:
     mask: torch.Tensor  # (b, s, kv_len) bool: query i may attend to key slot j
     slots: torch.Tensor | None = None  # (b, s) cache slots the new tokens are written to
     absorb: bool = True
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin at `positions`, shared by all layers
+    rows: torch.Tensor | None = None  # (b, s) row index of every new token, for cache writes
 
     @property
     def kv_len(self) -> int:
@@ -37,7 +40,7 @@ class Step:
 
 def make_step(tokens: torch.Tensor, start: torch.Tensor | None, cache: KVCache | None,
               tree_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-              absorb: bool = True) -> Step:
+              absorb: bool = True, rotary: Rotary | None = None) -> Step:
     """Mask and positions for new tokens (b, s) appended to every row of the cache at per-row `start`.
 
     Attention reads every slot of the preallocated cache (masked), so shapes never depend on lengths;
@@ -63,12 +66,29 @@ def make_step(tokens: torch.Tensor, start: torch.Tensor | None, cache: KVCache |
         new = (rel >= 0) & (rel < s)
         idx = rel.clamp(0, s - 1).expand(b, s, kv_len)
         mask = torch.where(new, torch.gather(tm, 2, idx), rel < 0)
-    return Step(positions=positions, mask=mask, slots=slots if cache is not None else None, absorb=absorb)
+    return Step(positions=positions, mask=mask, slots=slots if cache is not None else None, absorb=absorb,
+                rope=None if rotary is None else rotary.tables(positions),
+                rows=None if cache is None else torch.arange(b, device=dev)[:, None].expand(b, s))
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """Attention runs in fp32 on the CPU (CPU bf16 matmuls are slow, and the cache is fp32 there),
+    in the model's dtype elsewhere."""
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
+def cache_dtype(param: torch.Tensor) -> torch.dtype:
+    """The KV cache's dtype for a model whose weights look like `param`."""
+    if param.device.type == "cpu":
+        return torch.float32
+    return param.dtype if param.is_floating_point() and param.element_size() > 1 else torch.bfloat16
 
 
 def cache_widths(args: ModelArgs) -> dict[str, int]:
-    """What MLA caches per token: the normalised latent and the roped key shared by all heads."""
-    return {"latent": args.kv_lora_rank, "k_rope": args.qk_rope_head_dim}
+    """What MLA caches per token, side by side in one row: the normalised latent c_kv and the roped key
+    shared by all heads. In the absorbed form that row is the key of a single KV head, and its first
+    kv_lora_rank entries are the value."""
+    return {"ckv": args.kv_lora_rank + args.qk_rope_head_dim}
 
 
 class MLA(nn.Module):
@@ -91,13 +111,14 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(args)
         self.rotary = [rotary]  # a list keeps the shared table out of this module's state
         self.fused: list[Linear] = []  # wq_a and wkv_a as one projection, set at load (outside the state dict)
+        self.small_m = False  # set by compile_steps(): few-query attention on the CPU uses the C kernel
 
     def fuse(self) -> None:
         """One projection for wq_a and wkv_a; the two keep their weights as views of the fused one."""
-        if self.q_lora_rank and (f := Linear.fused([self.wq_a, self.wkv_a])) is not None:
+        if self.q_lora_rank and (f := Linear.concat([self.wq_a, self.wkv_a])) is not None:
             self.fused = [f]
 
-    def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape
         if self.q_lora_rank == 0:
             q, kv_a = self.wq(x), self.wkv_a(x)
@@ -110,17 +131,26 @@ class MLA(nn.Module):
         q = q.view(b, s, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         rot = self.rotary[0]
-        q_pe = rot(q_pe, step.positions)
+        rope = step.rope or rot.tables(step.positions)
+        q_pe = rot(q_pe, rope)
         kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_norm(kv)
-        k_pe = rot(k_pe, step.positions)
+        k_pe = rot(k_pe, rope)
         if cache is not None:
-            ck, cp = cache
-            rows = torch.arange(b, device=x.device)[:, None].expand(b, s)
-            ck.index_put_((rows, step.slots), kv.to(ck.dtype))
-            cp.index_put_((rows, step.slots), k_pe.to(cp.dtype))
-            kv, k_pe = ck.to(x.dtype), cp.to(x.dtype)
-        wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+            (ckv,) = cache
+            ckv.index_put_((step.rows, step.slots), torch.cat([kv, k_pe], -1).to(ckv.dtype))
+            kv, k_pe = ckv[..., : self.kv_lora_rank], ckv[..., self.kv_lora_rank:]
+        dt = attention_dtype(x)
+        q_nope, q_pe, kv, k_pe = q_nope.to(dt), q_pe.to(dt), kv.to(dt), k_pe.to(dt)
+        wkv_b = self.wkv_b.dense_weight(dt).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        key = None if cache is None else ckv[:, :, None]  # one KV head: key [c_kv | k_pe], value c_kv
+        if (self.small_m and step.absorb and key is not None and s <= cpu_linear.MAX_M
+                and cpu_linear.attention_usable(key, key) and not torch.compiler.is_compiling()):
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])  # the query: [q_nope wkv_b | q_pe]
+            o = cpu_linear.attention(torch.cat([q_lat, q_pe], -1), key, key[..., : self.kv_lora_rank], step.mask,
+                                     self.softmax_scale)
+            o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, self.nope:])
+            return self.wo(o.reshape(b, s, self.n_heads * self.v_dim).to(x.dtype))
         if step.absorb:
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope])
             scores = torch.einsum("bshc,btc->bsht", q_lat, kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
@@ -130,11 +160,11 @@ class MLA(nn.Module):
             scores = torch.einsum("bshd,bthd->bsht", torch.cat([q_nope, q_pe], dim=-1), k)
         scores = scores * self.softmax_scale
         scores = scores.masked_fill(~step.mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(dt)
         if step.absorb:
             o = torch.einsum("bsht,btc->bshc", probs, kv)
             o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, self.nope:])
         else:
             v = torch.einsum("btc,hdc->bthd", kv, wkv_b[:, self.nope:])
             o = torch.einsum("bsht,bthd->bshd", probs, v)
-        return self.wo(o.reshape(b, s, self.n_heads * self.v_dim))
+        return self.wo(o.reshape(b, s, self.n_heads * self.v_dim).to(x.dtype))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_spec.config import ModelArgs, yarn_mscale
-from mtp_spec.kernels import FP8
+from mtp_spec.kernels import FP8, cpu_linear
 
 
 class RMSNorm(nn.Module):
@@ -21,16 +21,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op instead of six
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
-# Rows (tokens) up to which a compiled CPU step computes x W^T as one broadcast-multiply-reduce that
-# inductor turns into a single pass over W for all rows: MKL's skinny GEMM reads a weight several times
-# at few rows (see experiments/bench_linear.py for the measurement that set this).
-SMALL_M = 16
+def activation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Activations run in fp32 on the CPU whatever the weights' dtype (bf16 weights halve the bytes a
+    step reads; CPU bf16 arithmetic is slow and rounds every op), in the weights' dtype elsewhere."""
+    return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
 
 class Linear(nn.Module):
@@ -41,9 +43,10 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.scale: torch.Tensor | None = None  # set by the loader when the weight is kept in fp8
+        self.small_m = False  # set by compile_steps(): few-row CPU products go to kernels/cpu_linear
 
     @classmethod
-    def fused(cls, parts: list[Linear]) -> Linear | None:
+    def concat(cls, parts: list[Linear]) -> Linear | None:
         """One Linear whose output is the parts' outputs side by side; each part's weight becomes a view
         of the fused weight (no copy stays behind). None where the parts cannot share one weight: FP8
         blocks would straddle a part boundary, or dtypes differ."""
@@ -79,8 +82,12 @@ class Linear(nn.Module):
             from mtp_spec.kernels import fp8_linear
 
             return fp8_linear(x, self.weight, self.scale)
-        if x.device.type == "cpu" and x.numel() <= SMALL_M * x.shape[-1] and torch.compiler.is_compiling():
-            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        if self.small_m and cpu_linear.usable(x, self.weight):
+            if torch.compiler.is_compiling():
+                return cpu_linear.small_m_linear(x, self.weight)
+            return cpu_linear.linear(x, self.weight)
+        if x.dtype != self.weight.dtype:  # bf16 weights, fp32 activations (the CPU): the same math, upcast
+            return F.linear(x, self.weight.to(x.dtype))
         return F.linear(x, self.weight)
 
 
@@ -131,12 +138,18 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos() * cs_scale, persistent=False)
         self.register_buffer("sin", angles.sin() * cs_scale, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (b, s, [h,] d) rotated at positions (b, s). DeepSeek's output is laid out [even' | odd'],
-        like HF's interleaved path; q and k get the same layout, so their dot products are unchanged.
-        Positions must lie inside the table: the engine checks that from lengths it knows (no
-        read-back here)."""
-        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at positions (b, s), gathered once per forward for every layer. Positions must
+        lie inside the table: the engine checks that from lengths it knows (no read-back here)."""
+        return self.cos[positions], self.sin[positions]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (b, s, [h,] d) rotated by rope = tables(positions). DeepSeek's output is laid out
+        [even' | odd'], like HF's interleaved path; q and k get the same layout, so their dot products
+        are unchanged."""
+        cos, sin = rope
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if x.dim() == 4:
             cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         if self.half:

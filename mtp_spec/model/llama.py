@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from mtp_spec.config import LlamaArgs
-from mtp_spec.model.attention import Step
+from mtp_spec.kernels import cpu_linear
+from mtp_spec.model.attention import Step, attention_dtype
 from mtp_spec.model.layers import Linear, RMSNorm, Rotary
 from mtp_spec.model.moe import MLP
 
@@ -33,9 +34,10 @@ class GQA(nn.Module):
         self.scale = self.hd ** -0.5
         self.rotary = [rotary]  # a list keeps the shared table out of this module's state
         self.fused: list[Linear] = []  # wq, wk, wv as one projection, set at load
+        self.small_m = False  # set by compile_steps(): few-query attention on the CPU uses the C kernel
 
     def fuse(self) -> None:
-        if (f := Linear.fused([self.wq, self.wk, self.wv])) is not None:
+        if (f := Linear.concat([self.wq, self.wk, self.wv])) is not None:
             self.fused = [f]
 
     def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -45,22 +47,28 @@ class GQA(nn.Module):
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         rot = self.rotary[0]
-        q = rot(q.view(b, s, self.n_heads, self.hd), step.positions)
-        k = rot(k.view(b, s, self.n_kv, self.hd), step.positions).reshape(b, s, -1)
+        rope = step.rope or rot.tables(step.positions)
+        q = rot(q.view(b, s, self.n_heads, self.hd), rope)
+        k = rot(k.view(b, s, self.n_kv, self.hd), rope).reshape(b, s, -1)
         if cache is not None:
             ck, cv = cache
-            rows = torch.arange(b, device=x.device)[:, None].expand(b, s)
-            ck.index_put_((rows, step.slots), k.to(ck.dtype))
-            cv.index_put_((rows, step.slots), v.to(cv.dtype))
-            k, v = ck.to(x.dtype), cv.to(x.dtype)
+            ck.index_put_((step.rows, step.slots), k.to(ck.dtype))
+            cv.index_put_((step.rows, step.slots), v.to(cv.dtype))
+            k, v = ck, cv
+        dt = attention_dtype(x)
         t = k.shape[1]
-        q = q.view(b, s, self.n_kv, self.n_heads // self.n_kv, self.hd)
-        k, v = k.view(b, t, self.n_kv, self.hd), v.view(b, t, self.n_kv, self.hd)
+        kh, vh = k.view(b, t, self.n_kv, self.hd), v.view(b, t, self.n_kv, self.hd)
+        if self.small_m and s <= cpu_linear.MAX_M and cpu_linear.attention_usable(kh, vh) \
+                and not torch.compiler.is_compiling():
+            o = cpu_linear.attention(q, kh, vh, step.mask, self.scale)
+            return self.wo(o.reshape(b, s, self.n_heads * self.hd).to(x.dtype))
+        q = q.to(dt).view(b, s, self.n_kv, self.n_heads // self.n_kv, self.hd)
+        k, v = k.to(dt).view(b, t, self.n_kv, self.hd), v.to(dt).view(b, t, self.n_kv, self.hd)
         scores = torch.einsum("bskgd,btkd->bskgt", q, k) * self.scale
         scores = scores.masked_fill(~step.mask[:, :, None, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(dt)
         o = torch.einsum("bskgt,btkd->bskgd", probs, v)
-        return self.wo(o.reshape(b, s, self.n_heads * self.hd))
+        return self.wo(o.reshape(b, s, self.n_heads * self.hd).to(x.dtype))
 
 
 class LlamaBlock(nn.Module):

@@ -22,7 +22,7 @@ class MLP(nn.Module):
         self.fused: list[Linear] = []  # w1 and w3 as one projection, set at load (outside the state dict)
 
     def fuse(self) -> None:
-        if (f := Linear.fused([self.w1, self.w3])) is not None:
+        if (f := Linear.concat([self.w1, self.w3])) is not None:
             self.fused = [f]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

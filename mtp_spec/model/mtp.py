@@ -22,7 +22,7 @@ from torch import nn
 
 from mtp_spec.cache import KVCache
 from mtp_spec.config import ModelArgs
-from mtp_spec.model.attention import cache_widths, make_step
+from mtp_spec.model.attention import cache_dtype, cache_widths, make_step
 from mtp_spec.model.block import Block
 from mtp_spec.model.layers import Linear, RMSNorm, Rotary
 from mtp_spec.model.steps import StepCompiler
@@ -59,6 +59,7 @@ class MTPLayer(nn.Module):
             raise ValueError(f"draft vocabulary must be 1-D token ids in [0, {self.head.out_features})")
         self.draft_vocab = ids
         sub = Linear(self.head.in_features, len(ids))
+        sub.small_m = self.head.small_m
         sub.weight = nn.Parameter(self.head.dense_weight(self.head_norm.weight.dtype)[ids].clone(),
                                   requires_grad=False)
         self.sub_head = [sub]
@@ -78,20 +79,20 @@ class MTP(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.layers[0].eh_proj.weight
-        dtype = dtype or (p.dtype if p.element_size() > 1 else torch.bfloat16)
-        return KVCache(len(self.layers), batch, max_len, self.cache_widths(self.args), p.device, dtype)
+        widths = self.cache_widths(self.args)
+        return KVCache(len(self.layers), batch, max_len, widths, p.device, dtype or cache_dtype(p))
 
     def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, depth: int = 0,
                 cache: KVCache | None = None, start: torch.Tensor | None = None,
                 tree_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                absorb: bool = True, logits_at: torch.Tensor | None = None) -> MTPOutput:
+                absorb: bool = True, logits_at: torch.Tensor | None = None, step: bool = False) -> MTPOutput:
         """tokens (b, s) are t_{i+1}, hidden (b, s, dim) is h_i; entries sit at the positions of h_i.
         `depth` picks the layer for this draft step (models with several MTP layers use them in turn).
         Each layer has its own slot in the MTP cache. logits_at (b, m): positions that go through the head."""
         k = depth % len(self.layers)
         layer = self.layers[k]
-        step = make_step(tokens, start, cache, tree_mask, positions, absorb)
-        compiled = self.steps.active(tokens.shape[1])
+        step = make_step(tokens, start, cache, tree_mask, positions, absorb, layer.block.attn.rotary[0])
+        compiled = self.steps.active(tokens.shape[1], step)
         x = self.steps.run(_mtp_input, layer, tokens, hidden, compiled=compiled)
         kv = None if cache is None else cache.layer(k)
         x = self.steps.run(type(layer.block).forward, layer.block, x, step, kv, compiled=compiled)
@@ -102,9 +103,10 @@ class MTP(nn.Module):
             logits = sub.new_full((*sub.shape[:-1], layer.head.out_features), float("-inf"))
             logits = logits.scatter(-1, layer.draft_vocab.expand_as(sub), sub)
         else:
-            logits = self.steps.run(Linear.forward, layer.head, sel, compiled=compiled)
+            logits = self.steps.run(type(layer.head).forward, layer.head, sel, compiled=compiled)
         return MTPOutput(logits=logits, hidden_states=normed if self.hidden_input == "post" else x)
 
 
 def _mtp_input(layer: MTPLayer, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    return layer.eh_proj(torch.cat([layer.enorm(layer.embed(tokens)), layer.hnorm(hidden)], dim=-1))
+    e = layer.embed(tokens).to(hidden.dtype)
+    return layer.eh_proj(torch.cat([layer.enorm(e), layer.hnorm(hidden)], dim=-1))

@@ -22,13 +22,17 @@ class StepCompiler:
     count of compilations and the time they took."""
 
     def __init__(self):
-        self.enabled = False
+        self.enabled = False  # blocks and heads run through torch.compile for step-sized forwards
+        self.small_m = False  # few-row CPU products use kernels/cpu_linear
         self.mode: str | None = None
         self.compiles = 0
         self.compile_s = 0.0
         self._fns: dict = {}
 
-    def enable(self, mode: str | None = None) -> None:
+    def enable(self, mode: str | None = None, blocks: bool = True, small_m: bool = False) -> None:
+        self.small_m = small_m
+        if not blocks:
+            return
         import torch._dynamo
 
         # every (block kind x shape) variant is a cache entry of the same code object
@@ -37,8 +41,9 @@ class StepCompiler:
             torch._dynamo.config.accumulated_cache_size_limit, 512)
         self.enabled, self.mode = True, mode
 
-    def active(self, tokens_per_row: int) -> bool:
-        return self.enabled and tokens_per_row <= STEP_TOKENS
+    def active(self, tokens_per_row: int, step: bool) -> bool:
+        """Compiled for the forwards the caller marks as steps (their shapes repeat), of step size."""
+        return self.enabled and step and tokens_per_row <= STEP_TOKENS
 
     def run(self, fn, *args, compiled: bool):
         """fn(*args), through its compiled version when `compiled`."""
@@ -58,4 +63,5 @@ class StepCompiler:
         return out
 
     def summary(self) -> dict:
-        return {"compiled": self.enabled, "compiles": self.compiles, "compile_s": round(self.compile_s, 2)}
+        return {"compiled": self.enabled, "small_m_kernel": self.small_m, "compiles": self.compiles,
+                "compile_s": round(self.compile_s, 2)}

@@ -17,9 +17,9 @@ from torch import nn
 
 from mtp_spec.cache import KVCache
 from mtp_spec.config import ModelArgs
-from mtp_spec.model.attention import cache_widths, make_step
+from mtp_spec.model.attention import cache_dtype, cache_widths, make_step
 from mtp_spec.model.block import Block
-from mtp_spec.model.layers import Linear, RMSNorm, Rotary
+from mtp_spec.model.layers import Linear, RMSNorm, Rotary, activation_dtype
 from mtp_spec.model.llama import LlamaBlock
 from mtp_spec.model.llama import cache_widths as llama_cache_widths
 from mtp_spec.model.moe import MoE
@@ -78,28 +78,37 @@ class Transformer(nn.Module):
                 layer.set_draft_vocab(layer.draft_vocab)
         return self
 
-    def compile_steps(self, mode: str | None = None) -> StepCompiler:
-        """Compile the blocks and the output head for step-sized forwards (MTP layers included)."""
-        self.steps.enable(mode)
+    def compile_steps(self, blocks: bool = True, mode: str | None = None) -> StepCompiler:
+        """The fast path for step-sized forwards (MTP layers included): few-row products on the CPU go
+        to the small-M kernel (when it builds), and with `blocks` the blocks and heads run compiled."""
+        from mtp_spec.kernels import cpu_linear
+
+        fast = next(self.parameters()).device.type == "cpu" and cpu_linear.available()
+        for m in self.modules():
+            for part in [m, *getattr(m, "fused", []), *getattr(m, "sub_head", [])]:
+                if hasattr(part, "small_m"):  # Linear, and the attention modules
+                    part.small_m = fast
+        self.steps.enable(mode if blocks else None, blocks=blocks, small_m=fast)
         return self.steps
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         p = next(self.parameters())
-        dtype = dtype or (p.dtype if p.is_floating_point() and p.element_size() > 1 else torch.bfloat16)
         return KVCache(self.args.n_layers, batch, max_len or self.max_len, self.cache_widths(self.args), p.device,
-                       dtype)
+                       dtype or cache_dtype(p))
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: torch.Tensor | None = None,
                 tree_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                absorb: bool = True, logits_at: torch.Tensor | None = None) -> ModelOutput:
+                absorb: bool = True, logits_at: torch.Tensor | None = None, step: bool = False) -> ModelOutput:
         """Run new tokens (b, s). With a cache, they are written at per-row `start` (default: the cache's
         lengths) and every row attends over its cache; the lengths are not changed here, the caller
-        decides what to keep. logits_at (b, m) picks the positions that go through the head."""
+        decides what to keep. logits_at (b, m) picks the positions that go through the head. `step`
+        marks a forward whose shapes repeat (decode, verify): it may run compiled."""
         if not self.has_main:
             raise RuntimeError("this model was loaded with the MTP layer only; load the main model too")
-        step = make_step(tokens, start, cache, tree_mask, positions, absorb)
-        compiled = self.steps.active(tokens.shape[1])
+        step = make_step(tokens, start, cache, tree_mask, positions, absorb, self.rotary)
+        compiled = self.steps.active(tokens.shape[1], step)
         h = self.embed(tokens)
+        h = h.to(activation_dtype(h))
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
             h = self.steps.run(type(layer).forward, layer, h, step, kv, compiled=compiled)

@@ -1,0 +1,265 @@
+"""A small-M linear for the CPU: y = x W^T for a few rows, reading W once.
+
+Decode and verification multiply a handful of rows by every weight. MKL and oneDNN are far from the
+memory limit there, and bf16 on AVX2 CPUs is worse: 4 rows cost ~3.5x one row
+(experiments/bench_linear.py), so a verify of k+1 tokens costs nearly k+1 decode steps and
+speculation cannot pay. This kernel streams each weight row once (prefetching ahead), converts bf16
+to fp32 in registers, and keeps two 8-lane accumulators per input row: memory-bound up to M = 16.
+
+Every output element is reduced in the same order whatever M is (16-wide chunks alternating between
+two accumulators, their sum, a fixed horizontal sum, then the K % 16 tail in order), so a row's
+result does not depend on which other rows share the call: a verify of k+1 tokens rounds exactly as
+k+1 single-token decodes would (batch invariance).
+
+The kernel is plain C with AVX2 intrinsics and OpenMP, compiled with the system's C compiler on first
+use (about a second) into ~/.cache/mtp-spec/kernels and called through ctypes; `available()` says
+whether that worked. It is registered as a torch custom op, so compiled steps call it without a
+graph break.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+MAX_M = 16
+_SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PREFETCH 1024  /* elements ahead of the row being read */
+
+static inline __m256 load8_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline float scalar_bf16(uint16_t v) { uint32_t u = ((uint32_t)v) << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float scalar_f32(float v) { return v; }
+static inline float hsum(__m256 v) {  /* (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1 */
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+#define ROW(M, T)                                                                                   \
+static void row_##T##_##M(const float* __restrict x, const T##_t* __restrict w, float* __restrict y, \
+                          int64_t N, int64_t K, int64_t n) {                                        \
+  const T##_t* row = w + n * K;                                                                     \
+  __m256 a0[M], a1[M];                                                                              \
+  for (int m = 0; m < M; ++m) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }        \
+  int64_t k = 0;                                                                                    \
+  for (; k + 16 <= K; k += 16) {                                                                    \
+    _mm_prefetch((const char*)(row + k + PREFETCH), _MM_HINT_T0);                                   \
+    __m256 w0 = load8_##T(row + k), w1 = load8_##T(row + k + 8);                                    \
+    for (int m = 0; m < M; ++m) {                                                                   \
+      a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), a0[m]);                          \
+      a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), a1[m]);                      \
+    }                                                                                               \
+  }                                                                                                 \
+  for (int m = 0; m < M; ++m) {                                                                     \
+    float s = hsum(_mm256_add_ps(a0[m], a1[m]));                                                    \
+    for (int64_t j = k; j < K; ++j) s += scalar_##T(row[j]) * x[m * K + j];                         \
+    y[m * N + n] = s;                                                                               \
+  }                                                                                                 \
+}
+typedef uint16_t bf16_t;
+typedef float f32_t;
+#define BOTH(M) ROW(M, bf16) ROW(M, f32)
+BOTH(1) BOTH(2) BOTH(3) BOTH(4) BOTH(5) BOTH(6) BOTH(7) BOTH(8)
+BOTH(9) BOTH(10) BOTH(11) BOTH(12) BOTH(13) BOTH(14) BOTH(15) BOTH(16)
+
+#define CASE(M, T) case M: _Pragma("omp parallel for num_threads(nt) schedule(static)")               \
+  for (int64_t n = 0; n < N; ++n) row_##T##_##M(x, (const T##_t*)w, y, N, K, n); return 0;
+#define CASES(T) CASE(1, T) CASE(2, T) CASE(3, T) CASE(4, T) CASE(5, T) CASE(6, T) CASE(7, T) CASE(8, T) \
+  CASE(9, T) CASE(10, T) CASE(11, T) CASE(12, T) CASE(13, T) CASE(14, T) CASE(15, T) CASE(16, T)
+
+int small_m_linear(const float* x, const void* w, float* y, int64_t M, int64_t N, int64_t K, int bf16, int nt) {
+  if (bf16) { switch (M) { CASES(bf16) } } else { switch (M) { CASES(f32) } }
+  return 1;
+}
+
+/* Attention of few queries over a cache, one (batch, query, head) per task: scores over the unmasked
+   slots, softmax, weighted sum of values. Keys and values are strided views (GQA: head h reads KV
+   head h / (H / KVH); MLA: one KV head whose value is the first Dv entries of the key). */
+static inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void attention(const float* q, const float* k, const float* v, const uint8_t* mask, float* out,
+               int64_t B, int64_t S, int64_t H, int64_t KVH, int64_t Dk, int64_t Dv, int64_t T,
+               int64_t kb, int64_t kt, int64_t kh, int64_t vb, int64_t vt, int64_t vh, float scale, int nt) {
+  const int64_t group = H / KVH, nq = S * group;  /* the queries that share one KV head */
+#pragma omp parallel num_threads(nt)
+  {
+    float* p = (float*)malloc(sizeof(float) * T * nq);
+    float* mx = (float*)malloc(sizeof(float) * nq);
+    float* sum = (float*)malloc(sizeof(float) * nq);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * KVH; ++task) {  /* each key and value row is read once per task */
+      const int64_t b = task / KVH, g = task % KVH;
+      const float* kr = k + b * kb + g * kh;
+      const float* vr = v + b * vb + g * vh;
+      for (int64_t i = 0; i < nq; ++i) { mx[i] = -INFINITY; sum[i] = 0.f; }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* kk = kr + t * kt;
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t s = i / group, h = g * group + i % group;
+          if (!mask[(b * S + s) * T + t]) continue;
+          const float sc = dot(q + ((b * S + s) * H + h) * Dk, kk, Dk) * scale;
+          p[i * T + t] = sc;
+          if (sc > mx[i]) mx[i] = sc;
+        }
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t s = i / group;
+        const uint8_t* mr = mask + (b * S + s) * T;
+        for (int64_t t = 0; t < T; ++t)
+          if (mr[t]) { p[i * T + t] = expf(p[i * T + t] - mx[i]); sum[i] += p[i * T + t]; }
+        const int64_t h = g * group + i % group;
+        float* o = out + ((b * S + s) * H + h) * Dv;
+        for (int64_t d = 0; d < Dv; ++d) o[d] = 0.f;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* vv = vr + t * vt;
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t s = i / group, h = g * group + i % group;
+          if (!mask[(b * S + s) * T + t]) continue;
+          const __m256 w = _mm256_set1_ps(p[i * T + t] / sum[i]);
+          float* o = out + ((b * S + s) * H + h) * Dv;
+          int64_t d = 0;
+          for (; d + 8 <= Dv; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + d), _mm256_loadu_ps(o + d)));
+          for (; d < Dv; ++d) o[d] += (p[i * T + t] / sum[i]) * vv[d];
+        }
+      }
+    }
+    free(p); free(mx); free(sum);
+  }
+}
+"""
+
+_lib = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    home = Path(os.environ.get("MTP_SPEC_HOME", Path.home() / ".cache" / "mtp-spec"))
+    return home / "kernels"
+
+
+def _build():
+    """Compile the C source once per machine (keyed by its hash) and load it; None if that fails."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
+    so = _cache_dir() / f"small_m_linear-{tag}.so"
+    try:
+        if not so.exists():
+            so.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+                src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+                src.write_text(_SOURCE)
+                subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out)],
+                               check=True, capture_output=True, timeout=120)
+                os.replace(out, so)
+        lib = ctypes.CDLL(str(so))
+        lib.small_m_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+        lib.small_m_linear.restype = ctypes.c_int
+        lib.attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 13 + [ctypes.c_float, ctypes.c_int]
+        lib.attention.restype = None
+        _lib = lib
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"[mtp-spec] CPU small-M linear kernel unavailable ({type(e).__name__}); using F.linear",
+              file=sys.stderr)
+    return _lib
+
+
+def available() -> bool:
+    """True when the CPU has AVX2 + FMA and the kernel is built (building it now if needed).
+    MTP_SPEC_CPU_LINEAR=0 turns it off (F.linear everywhere)."""
+    if os.environ.get("MTP_SPEC_CPU_LINEAR", "1") == "0":
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "AVX512_BF16", "AMX"):
+        return False
+    return _build() is not None
+
+
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the kernel takes this call (shapes and dtypes only: safe to ask while compiling). Any
+    number of rows: more than 16 run 16 at a time, which gives the same numbers row by row."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32)
+            and w.dim() == 2 and x.shape[-1] == w.shape[1] and x.numel() > 0)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w (N, K)^T on the CPU, with bf16 or fp32 weights, 16 rows of x per pass over w.
+    Accumulates in fp32 and returns x's dtype. A direct call (a few us of Python); compiled code calls
+    the `small_m_linear` custom op, which wraps it."""
+    dtype = x.dtype
+    if dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    k, n = x.shape[-1], w.shape[0]
+    m = x.numel() // k
+    y = torch.empty(*x.shape[:-1], n)
+    if not w.is_contiguous():
+        w = w.contiguous()
+    lib, bf16, nt = _lib or _build(), int(w.dtype == torch.bfloat16), torch.get_num_threads()
+    xp, yp = x.data_ptr(), y.data_ptr()
+    for lo in range(0, m, MAX_M):
+        lib.small_m_linear(xp + 4 * lo * k, w.data_ptr(), yp + 4 * lo * n, min(MAX_M, m - lo), n, k, bf16, nt)
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for few queries over a whole cache, fp32 on the CPU.
+
+    q (B, S, H, Dk) contiguous; k (B, T, KVH, Dk) and v (B, T, KVH, Dv) may be strided views of a
+    cache (the last dim contiguous); mask (B, S, T) bool. Head h reads KV head h // (H // KVH).
+    Returns (B, S, H, Dv). Each query's result is independent of the others in the call."""
+    B, S, H, Dk = q.shape
+    T, KVH, Dv = k.shape[1], k.shape[2], v.shape[3]
+    q = q.float().contiguous()
+    mask = mask.contiguous().view(torch.uint8)
+    out = torch.empty(B, S, H, Dv)
+    _build().attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), B, S, H, KVH,
+                       Dk, Dv, T, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                       scale, torch.get_num_threads())
+    return out
+
+
+def attention_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (k.device.type == "cpu" and k.dtype == v.dtype == torch.float32 and k.stride(-1) == 1
+            and v.stride(-1) == 1 and k.dim() == v.dim() == 4)
+
+
+@torch.library.custom_op("mtp_spec::small_m_linear", mutates_args=())
+def small_m_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear` as a torch op, so that torch.compile can call it without a graph break."""
+    return linear(x, w)
+
+
+@small_m_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])

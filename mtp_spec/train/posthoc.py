@@ -1,0 +1,354 @@
+"""A post-hoc MTP layer for a frozen main model of either family (`mtp-spec train --mtp-only MODEL`).
+
+The layer has DeepSeek's structure (enorm, hnorm, eh_proj, one decoder block of the model's family,
+the shared embedding and head) and learns what acceptance rewards: for position i it sees the main
+model's hidden state h_i and the next token t_{i+1}, and is trained to output the main model's own
+choice at position i+1 (its argmax for t_{i+2}), not the corpus token.
+
+    1. data      corpus documents (stdlib and installed packages' sources and docs, held-out modules
+                 excluded) plus chat-formatted turns built from them, tokenized: tokens.npy
+    2. cache     the frozen main model runs once over the tokens in chunks; its hidden states (bf16)
+                 and argmax are memory-mapped on disk, so training passes cost only the MTP layer
+    3. vocab     the draft vocabulary: the N tokens the main model predicts most often (FR-Spec)
+    4. train     AdamW on random windows of the cache; the held-out chunk's acceptance (MTP argmax ==
+                 main argmax) is logged as the curve
+    5. export    OUT/mtp.safetensors: the layer at index num_hidden_layers plus its draft vocabulary;
+                 copy it into the model directory to give the model an MTP layer
+
+Every stage writes its output atomically and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtp_spec.io import atomic_write_text
+
+
+@dataclass
+class PosthocConfig:
+    out: str
+    model: str  # the main model: a directory or a model name
+    tokens: int = 1_200_000  # training tokens whose hidden states are cached
+    heldout_tokens: int = 32_768
+    chunk: int = 512  # tokens per main-model forward when caching
+    draft_vocab: int = 8192
+    steps: int = 2000
+    batch: int = 8  # windows per step
+    window: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    chat_share: float = 0.35  # fraction of documents turned into chat turns
+    eval_every: int = 100
+    seed: int = 0
+    threads: int = 0
+
+
+# --- 1. data ---------------------------------------------------------------------------------------
+def _package_docs(limit_bytes: int = 40_000_000) -> list[tuple[str, str]]:
+    """Sources and docs of installed third-party packages (site-packages), capped, deterministic."""
+    import site
+
+    out, total = [], 0
+    roots = [Path(p) for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+    venv = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    if venv.is_dir():
+        roots.insert(0, venv)
+    seen = set()
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.suffix not in (".py", ".md", ".rst") or "test" in path.parts or not path.is_file():
+                continue
+            if path.name.startswith("__editable__") or "mtp_spec" in path.parts:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if not 200 <= len(text) <= 200_000 or hash(text) in seen:
+                continue
+            seen.add(hash(text))
+            out.append((str(path.relative_to(root)), text))
+            total += len(text)
+            if total >= limit_bytes:
+                return out
+    return out
+
+
+def _chat_turns(name: str, text: str, rng: random.Random) -> list[dict] | None:
+    """A user request and an assistant answer built from a document: a function from its docstring,
+    or an explanation of a documentation topic."""
+    import re
+
+    if name.startswith("topic:"):
+        paras = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 60][:6]
+        if not paras:
+            return None
+        q = rng.choice(["Explain {}.", "What does {} mean in Python?", "How does {} work in Python?",
+                        "Can you describe {} briefly?"]).format(name[6:].replace("-", " "))
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": "\n\n".join(paras)}]
+    funcs = list(re.finditer(r'^def (\w+)\(([^)]*)\)[^:]*:\n\s+"""(.+?)"""', text, re.M | re.S))
+    if not funcs:
+        return None
+    m = rng.choice(funcs)
+    start = m.start()
+    end = text.find("\ndef ", m.end())
+    body = text[start:end if end > 0 else len(text)].rstrip()[:3000]
+    summary = m[3].strip().split("\n")[0].rstrip(".")
+    q = rng.choice(["Write a Python function `{}({})` that {}.", "Implement `{}({})` in Python: {}.",
+                    "Can you write {}({}) for me? It should {}."]).format(m[1], m[2], summary[:1].lower() + summary[1:])
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": f"```python\n{body}\n```"}]
+
+
+def prepare_tokens(cfg: PosthocConfig, out: Path, tok) -> np.ndarray:
+    """tokens.npy: documents tokenized and joined with eos, shuffled deterministically; the first
+    heldout_tokens are the held-out part (their documents are never in the training part)."""
+    path = out / "tokens.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    from mtp_spec.train import corpus
+
+    train, _ = corpus.split(corpus.stdlib_docs())
+    docs = [(d.name, d.text) for d in train] + _package_docs()
+    rng = random.Random(cfg.seed)
+    rng.shuffle(docs)
+    eos = tok.eos_id
+    ids: list[int] = []
+    need = cfg.tokens + cfg.heldout_tokens
+    for name, text in docs:
+        turns = _chat_turns(name, text, rng) if rng.random() < cfg.chat_share else None
+        if turns is not None:
+            piece = tok.chat(turns[:1]) + tok.encode(turns[1]["content"], add_bos=False) + [eos]
+        else:
+            piece = tok.encode(text[:20_000], add_bos=False) + [eos]
+        ids.extend(piece)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than tokens + heldout_tokens = {need}")
+    arr = np.asarray(ids[:need], dtype=np.int32)
+    tmp = out / "tokens.tmp.npy"
+    np.save(tmp, arr, allow_pickle=False)
+    tmp.replace(path)
+    return arr
+
+
+# --- 2. cache ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def cache_hidden(cfg: PosthocConfig, out: Path, model, tokens: np.ndarray, progress: bool = True) -> None:
+    """hidden.u16 (n, dim) bf16 bits of the post-norm hidden states, argmax.i32 (n,) the main model's
+    choice at every position; done.json counts finished chunks (a kill resumes at the next one)."""
+    n, dim = len(tokens), model.args.dim
+    hid = np.lib.format.open_memmap(out / "hidden.npy", mode="r+" if (out / "hidden.npy").exists() else "w+",
+                                    dtype=np.uint16, shape=(n, dim))
+    top = np.lib.format.open_memmap(out / "argmax.npy", mode="r+" if (out / "argmax.npy").exists() else "w+",
+                                    dtype=np.int32, shape=(n,))
+    done_file = out / "cache_done.json"
+    done = json.loads(done_file.read_text())["chunks"] if done_file.exists() else 0
+    chunks = math.ceil(n / cfg.chunk)
+    t0 = time.perf_counter()
+    for c in range(done, chunks):
+        lo, hi = c * cfg.chunk, min(n, (c + 1) * cfg.chunk)
+        x = torch.from_numpy(np.asarray(tokens[lo:hi], dtype=np.int64))[None]
+        o = model(x)
+        h = o.hidden_states[0] if model.mtp is None or model.mtp.hidden_input == "post" else o.prenorm_hidden[0]
+        hid[lo:hi] = h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        top[lo:hi] = o.logits[0].argmax(-1).numpy().astype(np.int32)
+        if (c + 1) % 8 == 0 or c + 1 == chunks:
+            hid.flush()
+            top.flush()
+            atomic_write_text(done_file, json.dumps({"chunks": c + 1}))
+            if progress:
+                rate = (hi - done * cfg.chunk) / (time.perf_counter() - t0)
+                print(f"[cache] {hi}/{n} tokens, {rate:.0f} tok/s", file=sys.stderr, flush=True)
+
+
+# --- 3-5. vocabulary, layer, training ------------------------------------------------------------------
+def draft_vocab(top: np.ndarray, n: int) -> torch.Tensor:
+    """The n tokens the main model chooses most often, in id order."""
+    counts = np.bincount(np.asarray(top), minlength=n)
+    ids = np.argsort(-counts, kind="stable")[:n]
+    return torch.from_numpy(np.sort(ids).astype(np.int64))
+
+
+def init_layer(model) -> None:
+    """Start the MTP layer from the main model's last block and final norm, with eh_proj passing the
+    hidden-state half through (so the block first sees something like its usual input)."""
+    layer = model.mtp.layers[0]
+    last = model.layers[-1]
+    layer.block.load_state_dict(last.state_dict())
+    with torch.no_grad():
+        dim = model.args.dim
+        w = torch.zeros(dim, 2 * dim)
+        w[:, dim:] = torch.eye(dim)
+        w[:, :dim] = 0.02 * torch.randn(dim, dim)
+        layer.eh_proj.weight.copy_(w)
+        layer.head_norm.weight.copy_(model.norm.weight.float())
+        layer.enorm.weight.fill_(1.0)
+        layer.hnorm.weight.fill_(1.0)
+
+
+def _batch(hid, top, tokens, starts: list[int], window: int):
+    h = torch.stack([torch.from_numpy(np.asarray(hid[s:s + window]).view(np.int16)).view(torch.bfloat16)
+                     for s in starts]).float()
+    nxt = torch.stack([torch.from_numpy(np.asarray(tokens[s + 1:s + 1 + window], dtype=np.int64)) for s in starts])
+    tgt = torch.stack([torch.from_numpy(np.asarray(top[s + 1:s + 1 + window], dtype=np.int64)) for s in starts])
+    return h, nxt, tgt
+
+
+def _loss(model, h, nxt, tgt, vocab_index):
+    out = model.mtp(nxt, h)
+    logits = out.logits  # -inf outside the draft vocabulary
+    sub = logits[..., model.mtp.layers[0].draft_vocab]
+    target = vocab_index[tgt]  # -1 where the main model's choice is outside the draft vocabulary
+    loss = F.cross_entropy(sub.flatten(0, 1), target.flatten(), ignore_index=-1)
+    acc = (logits.argmax(-1) == tgt).float().mean()
+    return loss, acc
+
+
+def train(cfg: PosthocConfig, progress: bool = True) -> Path:
+    from mtp_spec.checkpoint import hf_state_dict, write_mtp_file
+    from mtp_spec.loader import load, resolve_model
+    from mtp_spec.tokenizer import load_tokenizer
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "posthoc_config.json"
+    if saved.exists() and json.loads(saved.read_text()) != asdict(cfg):
+        raise ValueError(f"{saved}: differs from this run's settings; use another --out to start afresh")
+    atomic_write_text(saved, json.dumps(asdict(cfg), indent=2))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model_dir = resolve_model(cfg.model)
+    tok = load_tokenizer(model_dir)
+    if tok is None:
+        raise ValueError(f"{model_dir}: post-hoc MTP training needs the model's tokenizer.json")
+    tokens = prepare_tokens(cfg, out, tok)
+    # fp32 weights (bf16 values widened exactly): chunks of many tokens are compute-bound, where
+    # MKL's fp32 GEMM is fastest; the hidden states are those the bf16-weight model computes
+    main = load(model_dir, dtype=torch.float32, part="main", max_len=cfg.chunk)
+    cache_hidden(cfg, out, main, tokens, progress)
+    hid = np.load(out / "hidden.npy", mmap_mode="r")
+    top = np.load(out / "argmax.npy", mmap_mode="r")
+
+    args = main.args.with_(n_mtp_layers=1)
+    from mtp_spec.model import Transformer
+
+    model = Transformer(args, max_len=cfg.window + 8)  # fp32; its embedding and head stay tied to the main's
+    model.load_state_dict(main.state_dict(), strict=False)
+    del main
+    init_layer(model)
+    vocab = draft_vocab(top[cfg.heldout_tokens:], cfg.draft_vocab)
+    layer = model.mtp.layers[0]
+    layer.draft_vocab = vocab
+    layer.sub_head = []
+    vocab_index = torch.full((args.vocab_size,), -1, dtype=torch.long)
+    vocab_index[vocab] = torch.arange(len(vocab))
+    head_w = model.head.weight.detach()[vocab]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for n, p in layer.named_parameters() if not n.startswith(("embed", "head"))]
+    for p in params:
+        p.requires_grad_(True)
+    model.mtp.layers[0].head = _FrozenHead(head_w, vocab, args.vocab_size)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    step, state = 0, out / "train_state.pt.safetensors"
+    if state.exists():
+        from safetensors.torch import load_file
+
+        st = load_file(str(state))
+        layer.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("layer.")}, strict=False)
+        step = int(json.loads((out / "train_state.json").read_text())["step"])
+        print(f"[train] resuming at step {step}", file=sys.stderr)
+    curve = out / "curve.csv"
+    if step == 0 or not curve.exists():
+        curve.write_text("step,loss,train_acc,heldout_acc,lr,tokens_per_s\n")
+    lo, hi = cfg.heldout_tokens, len(tokens) - cfg.window - 2
+    held = [s for s in range(0, cfg.heldout_tokens - cfg.window - 2, cfg.window)]
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        t = max(0.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        lr *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng = np.random.default_rng([cfg.seed, step])
+        starts = rng.integers(lo, hi, size=cfg.batch).tolist()
+        h, nxt, tgt = _batch(hid, top, tokens, starts, cfg.window)
+        model.train()
+        loss, acc = _loss(model, h, nxt, tgt, vocab_index)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        tps = cfg.batch * cfg.window / (time.perf_counter() - t0)
+        held_acc = ""
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            held_acc = f"{heldout_acceptance(model, hid, top, tokens, held, cfg.window, vocab_index):.4f}"
+            _save(out, layer, step)
+            if progress:
+                print(f"[train] step {step}: loss {loss.item():.3f} train acc {acc.item():.3f} "
+                      f"held-out acc {held_acc} ({tps:.0f} tok/s)", file=sys.stderr, flush=True)
+        with open(curve, "a", newline="") as fh:
+            csv.writer(fh).writerow([step, f"{loss.item():.4f}", f"{acc.item():.4f}", held_acc, f"{lr:.2e}",
+                                     f"{tps:.0f}"])
+    layer.head = model.head
+    sd = {k: v for k, v in hf_state_dict(model, args).items() if k.startswith(f"model.layers.{args.n_layers}.")}
+    meta = {"trained_on": str(model_dir), "steps": str(cfg.steps), "tokens": str(cfg.tokens),
+            "mtp_hidden_input": "post", "config": json.dumps(asdict(cfg))}
+    return write_mtp_file(sd, args, out / "mtp.safetensors", torch.bfloat16, meta)
+
+
+class _FrozenHead(torch.nn.Module):
+    """The shared head restricted to the draft vocabulary, for training: full-vocabulary logits with
+    -inf outside it (as the MTP layer returns at inference)."""
+
+    def __init__(self, weight: torch.Tensor, vocab: torch.Tensor, size: int):
+        super().__init__()
+        self.register_buffer("w", weight.float())
+        self.vocab, self.size, self.out_features = vocab, size, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sub = F.linear(x, self.w)
+        full = sub.new_full((*sub.shape[:-1], self.size), float("-inf"))
+        return full.scatter(-1, self.vocab.expand_as(sub), sub)
+
+
+@torch.no_grad()
+def heldout_acceptance(model, hid, top, tokens, starts: list[int], window: int, vocab_index) -> float:
+    """Teacher-forced acceptance on held-out windows: how often the MTP layer's argmax equals the main
+    model's choice (its first-draft acceptance rate at T=0, given the main model's hidden states)."""
+    model.eval()
+    hits = total = 0
+    for i in range(0, len(starts), 16):
+        h, nxt, tgt = _batch(hid, top, tokens, starts[i:i + 16], window)
+        pred = model.mtp(nxt, h).logits.argmax(-1)
+        hits += int((pred == tgt).sum())
+        total += tgt.numel()
+    return hits / max(total, 1)
+
+
+def _save(out: Path, layer, step: int) -> None:
+    from safetensors.torch import save_file
+
+    sd = {f"layer.{k}": v.detach().contiguous() for k, v in layer.state_dict().items()
+          if not k.startswith(("embed", "head")) and v is not None}
+    tmp = out / "train_state.tmp.safetensors"
+    save_file(sd, str(tmp))
+    tmp.replace(out / "train_state.pt.safetensors")
+    atomic_write_text(out / "train_state.json", json.dumps({"step": step}))
