@@ -17,7 +17,8 @@ needs_kernels = pytest.mark.skipif(not cpu_linear.available(), reason="needs a C
 
 def _prompts(seed, batch, vocab=512):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (batch,), generator=g)]
+    lens = torch.randint(1, 20, (batch,), generator=g)
+    return [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in lens]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def small_run(tiny_fp8, tmp_path_factory):
 
 
 def test_notebooks_are_stored_without_outputs():
-    assert len(NOTEBOOKS) == 3
+    assert len(NOTEBOOKS) == 4
     for p in NOTEBOOKS:
         nb = nbformat.read(p, as_version=4)
         for cell in nb.cells:

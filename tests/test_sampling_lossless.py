@@ -18,13 +18,15 @@ N = 20_000
 PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # repetitive, so that n-gram lookup proposes
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+@pytest.fixture(scope="module", params=["off", "auto"])
+def models(tmp_path_factory, request):
+    """On the eager reference path and on the fast step path (CPU kernels)."""
     args = ModelArgs.from_name("tiny").with_(vocab_size=V, fp8=False)
     root = tmp_path_factory.mktemp("small-vocab")
-    target = mtp_spec.load(write_random_checkpoint(root / "t", args, seed=11, dtype=torch.float32, std=0.3))
+    target = mtp_spec.load(write_random_checkpoint(root / "t", args, seed=11, dtype=torch.float32, std=0.3),
+                           compile=request.param)
     # the draft: the target with noise, so it agrees part of the time
-    draft = mtp_spec.load(root / "t", part="main")
+    draft = mtp_spec.load(root / "t", part="main", compile=request.param)
     g = torch.Generator().manual_seed(12)
     with torch.no_grad():
         for p in draft.parameters():

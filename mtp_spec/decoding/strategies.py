@@ -8,6 +8,9 @@ import torch
 from mtp_spec.decoding import proposers as P
 
 STRATEGIES = ("vanilla", "mtp", "mtp-tree", "ngram", "draft-model")
+# Not strategies of ours: other implementations an experiment times on the same prompts and weights
+# (transformers' model class for the checkpoint: plain greedy `generate`, and its prompt lookup).
+PEERS = ("transformers", "transformers-lookup")
 
 
 def make_proposer(strategy: str, model, k: int, tree_width: int = 2, draft=None, ngram_max: int = 3,

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from mtp_spec.decoding.strategies import PEERS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -388,8 +390,9 @@ def _fig_per_category(spec, s, meta, multi):
 def figures(s: pd.DataFrame, meta: dict[str, str] | None = None) -> dict[str, Figure]:
     """The report's figures by file name (matplotlib Figures); plots whose x axis has one value are left out.
 
-    `meta` (see `run_meta`) names the model, device and suites in every title."""
-    spec = s[s["strategy"] != "vanilla"]
+    `meta` (see `run_meta`) names the model, device and suites in every title. Peers (other
+    implementations, no drafts) appear in the tables, not in these acceptance plots."""
+    spec = s[(s["strategy"] != "vanilla") & ~s["strategy"].isin(PEERS)]
     if spec.empty:
         return {}
     from matplotlib import rc_context

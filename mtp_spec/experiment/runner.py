@@ -91,6 +91,8 @@ class Runner:
         from mtp_spec.decoding.engine import Engine
         from mtp_spec.decoding.sampling import SamplingParams
 
+        if cell.strategy in schema.PEERS:
+            return self.peer(cell, idx)
         sp = SamplingParams(cell.temperature, self.exp.sweep.top_k, self.exp.sweep.top_p)
         engine = Engine(self.model, self.proposer(cell))
         t0 = time.perf_counter()
@@ -99,6 +101,33 @@ class Runner:
         if self.exp.device.startswith("cuda"):
             torch.cuda.synchronize()
         return res, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def peer(self, cell: Cell, idx: list[int]):
+        """transformers on the same directory and prompts, greedy (with prompt lookup for
+        'transformers-lookup'), one prompt at a time; timed like our requests."""
+        from mtp_spec.decoding.engine import Result
+        from mtp_spec.metrics import SpecMetrics
+
+        if getattr(self, "hf", None) is None:
+            import transformers
+
+            try:
+                self.hf = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).eval()
+            except Exception as e:  # transformers' own errors, e.g. FP8 weights on a CPU
+                raise schema.ExperimentConfigError(f"peers: transformers cannot run {self.model_dir} ({e}); "
+                                                   "use a bf16 checkpoint (mtp-spec convert --to bf16)") from None
+        out, t0 = [], time.perf_counter()
+        for i in idx:
+            s0 = time.perf_counter()
+            x = torch.tensor([self.ids[i]])
+            ids = self.hf.generate(x, max_new_tokens=cell.max_new_tokens, do_sample=False, eos_token_id=self.tok.eos_id,
+                                   pad_token_id=self.tok.eos_id,
+                                   prompt_lookup_num_tokens=3 if cell.strategy == "transformers-lookup" else None)
+            new = ids[0, x.shape[1]:].tolist()
+            m = SpecMetrics(num_steps=len(new), num_generated=len(new), total_s=time.perf_counter() - s0)
+            out.append(Result(new, "eos" if new and new[-1] == self.tok.eos_id else "length", m))
+        return out, time.perf_counter() - t0
 
     @torch.no_grad()
     def divergence(self, prompt: list[int], ref: list[int], got: list[int]) -> dict:
@@ -194,6 +223,8 @@ def run(config: str | Path, out: str | Path = "results", resume: str | Path | No
                 ref = vanilla.get((cell.baseline().key(), p["id"]))
                 if cell.strategy == "vanilla":
                     vanilla[(cell.key(), p["id"])] = r.token_ids
+                elif cell.strategy in schema.PEERS:  # another implementation: not a lossless check
+                    rec["same_as_vanilla"] = None if ref is None else r.token_ids == ref
                 elif cell.temperature == 0 and ref is not None:
                     rec["lossless"] = r.token_ids == ref
                     if not rec["lossless"]:

@@ -28,13 +28,16 @@ from pathlib import Path
 
 import yaml
 
-from mtp_spec.decoding.strategies import STRATEGIES
+from mtp_spec.decoding.strategies import PEERS, STRATEGIES
 from mtp_spec.loader import ASSETS, COMPILE, DTYPES
 from mtp_spec.loader import resolve_model as _resolve
 
 
 class ExperimentConfigError(ValueError):
     pass
+
+
+
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Experiment:
     warmup: int = 1
     mtp_hidden: str = "post"
     compile: str = "auto"  # off | on | auto, as `generate --compile`
+    peers: list[str] = field(default_factory=list)  # other implementations on the same prompts (PEERS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +128,7 @@ def _check_keys(d, allowed: set, where: str) -> None:
 
 def parse(raw: dict, source: str = "config") -> Experiment:
     top = {"name", "model", "draft_model", "suites", "prompts_per_suite", "strategies", "sweep", "device",
-           "dtype", "warmup", "mtp_hidden", "compile"}
+           "dtype", "warmup", "mtp_hidden", "compile", "peers"}
     _check_keys(raw, top, source)
     if "name" not in raw:
         raise ExperimentConfigError(f"{source}: missing key 'name'")
@@ -161,7 +165,11 @@ def parse(raw: dict, source: str = "config") -> Experiment:
         dtype=_typed(raw.get("dtype", "float32"), str, f"{source}: dtype"),
         warmup=_typed(raw.get("warmup", 1), int, f"{source}: warmup"),
         mtp_hidden=_typed(raw.get("mtp_hidden", "post"), str, f"{source}: mtp_hidden"),
-        compile=_typed(raw.get("compile", "auto"), str, f"{source}: compile"))
+        compile=_typed(raw.get("compile", "auto"), str, f"{source}: compile"),
+        peers=_list(raw.get("peers", []), str, f"{source}: peers") if raw.get("peers") else [])
+    for p in exp.peers:
+        if p not in PEERS:
+            raise ExperimentConfigError(f"{source}: peers: {p!r} is not one of {', '.join(PEERS)}")
     if exp.compile not in COMPILE:
         raise ExperimentConfigError(f"{source}: compile: {exp.compile!r} is not one of {', '.join(COMPILE)}")
     if exp.dtype not in DTYPES:
@@ -240,4 +248,5 @@ def cells(exp: Experiment) -> list[Cell]:
         widths = s.tree_width if s.name == "mtp-tree" else [0]
         for k, w, b in itertools.product(s.k, widths, base):
             out.append(Cell(s.name, k, w, *b))
+    out += [Cell(p, 0, 0, *b) for p in exp.peers for b in base if b[0] == 0.0]
     return out

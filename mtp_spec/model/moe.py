@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_spec.config import ModelArgs
-from mtp_spec.kernels import FP8, act_quant, backend, grouped_fp8_gemm
+from mtp_spec.kernels import FP8, act_quant, backend, cpu_linear, grouped_fp8_gemm
 from mtp_spec.model.layers import Linear
 
 
@@ -96,6 +96,8 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
                                if args.n_shared_experts else None)
         self.stacked: dict[str, torch.Tensor] | None = None
+        self.dense = args.n_routed_experts <= 4 * self.topk  # few experts: run them all (see _dense)
+        self.small_m = False  # set by compile_steps(): the dense path's products use the CPU kernel
 
     def stack(self) -> None:
         """At load: stack every expert's w1|w3 into (E, 2I, D) and w2, transposed, into (E, I, D); the
@@ -111,6 +113,8 @@ class MoE(nn.Module):
             e.w3.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
             e.w2.weight = nn.Parameter(w2t[i].T, requires_grad=False)
         self.stacked = {"w13": w13, "w2t": w2t}
+        if self.dense:  # every expert's w2 side by side as one (D, E I) weight, for the small-M kernel
+            self.stacked["w2_all"] = w2t.reshape(-1, w2t.shape[-1]).T.contiguous()
         if self.shared_experts is not None:
             self.shared_experts.fuse()
 
@@ -151,10 +155,9 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
         packed = getattr(self, "packed", None)
-        n_exp = len(self.experts)
         if packed and backend(x) == "triton" and x.shape[-1] % 128 == 0 and packed["w2"][0].shape[-1] % 128 == 0:
             y = self._grouped(x, weights, idx)
-        elif self.stacked is not None and n_exp <= 4 * self.topk:
+        elif self.stacked is not None and self.dense:
             y = self._dense(x, weights, idx)
         elif self.stacked is not None and x.shape[0] * self.topk <= 64:
             y = self._gathered(x, weights, idx)
@@ -165,12 +168,19 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        w13, w2t = self.stacked["w13"].to(x.dtype), self.stacked["w2t"].to(x.dtype)
-        e, two_i, d = w13.shape
-        h = F.linear(x, w13.reshape(e * two_i, d)).view(-1, e, 2, two_i // 2)
+        e, two_i, d = self.stacked["w13"].shape
+        w13 = self.stacked["w13"].reshape(e * two_i, d)
+        if self.small_m and cpu_linear.usable(x, w13):
+            h = cpu_linear.linear(x, w13)
+        else:
+            h = F.linear(x, w13.to(x.dtype))
+        h = h.view(-1, e, 2, two_i // 2)
         a = F.silu(h[:, :, 0]) * h[:, :, 1]  # (t, e, i)
         combine = torch.zeros(x.shape[0], e, dtype=x.dtype, device=x.device).scatter(1, idx, weights.to(x.dtype))
-        return (a * combine[:, :, None]).reshape(x.shape[0], -1) @ w2t.reshape(-1, d)
+        a = (a * combine[:, :, None]).reshape(x.shape[0], -1)
+        if self.small_m and cpu_linear.usable(a, self.stacked["w2_all"]):
+            return cpu_linear.linear(a, self.stacked["w2_all"])
+        return a @ self.stacked["w2t"].reshape(-1, d).to(x.dtype)
 
     def _gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         t, k = idx.shape

@@ -101,6 +101,26 @@ def prose_prompts(held: list[Doc], limit: int = 300) -> list[dict]:
     return out
 
 
+def chat_prompts(held: list[Doc]) -> list[dict]:
+    """Requests a user of an instruct model makes, built from held-out modules and topics: write a
+    function described by its docstring, or explain a language topic. No answers: the model writes them."""
+    out = []
+    for d in held:
+        if d.is_topic:
+            topic = d.name[6:].replace("-", " ")
+            out.append({"id": f"chat/{d.name[6:]}", "category": "chat",
+                        "messages": [{"role": "user", "content": f"Explain {topic} in Python, with a short example."}]})
+            continue
+        for m in re.finditer(r'^\s*def ([a-z]\w*)\(([^)]*)\)[^:]*:\n\s+[rR]?"""([^\n]+)', d.text, re.M):
+            summary = m[3].replace('"""', "").strip().rstrip(".")
+            args = re.sub(r"^self,?\s*", "", " ".join(m[2].split()))
+            if 15 <= len(summary) <= 160 and not summary.lower().startswith(("internal", "helper", "private")):
+                ask = f"Write a Python function `{m[1]}({args})` that does this: {summary}."
+                out.append({"id": f"chat/{d.name}:{m[1]}", "category": "chat",
+                            "messages": [{"role": "user", "content": ask}]})
+    return out
+
+
 def _thin(prompts: list[dict], n: int) -> list[dict]:
     """n prompts spread evenly over the list (deterministic)."""
     if len(prompts) <= n:
