@@ -70,6 +70,7 @@ def step_costs(model, ctx: int = 128, sizes=(1, 2, 3, 4, 5), reps: int = 9) -> d
     and of the MTP layer's draft step (1 token) and extend (s tokens, one logit row), interleaved."""
     g = torch.Generator().manual_seed(0)
     dev = next(model.parameters()).device
+    ctx = min(ctx, model.max_len - 2 * max(sizes) - 2)  # every position inside the rotary table
     cache = model.new_cache(1, ctx + 64)
     model(torch.randint(0, model.args.vocab_size, (1, ctx), generator=g).to(dev), cache=cache)
     cache.lengths += ctx

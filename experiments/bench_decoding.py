@@ -66,7 +66,7 @@ def main() -> None:
     tok = load_tokenizer(path)
     rows = load_prompts(resolve_suite(a.suite))
     prompts = [tok.encode(p["prompt"]) for p in rows[:: max(1, len(rows) // a.n_prompts)][: a.n_prompts]]
-    max_len = max(map(len, prompts)) + a.max_new + 32
+    max_len = max(max(map(len, prompts)) + a.max_new + 32, 256)
     report: dict = {"model": str(path), "threads": a.threads, "n_prompts": len(prompts), "max_new": a.max_new,
                     "torch": torch.__version__, "paths": {}}
     print(f"# {path.name}, fp32 weights from FP8, {a.threads} threads, batch 1, greedy, {len(prompts)} "

@@ -107,15 +107,17 @@ def fp8_gemm(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b
 
 
 def grouped_fp8_gemm(a_fp8: torch.Tensor, a_scales: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor,
-                     expert_of_row: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """out[i] = A[i] @ W[expert_of_row[i]]^T for all rows and experts in one launch (MoE)."""
+                     expert_of_row: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                     routing: tuple | None = None) -> torch.Tensor:
+    """out[i] = A[i] @ W[expert_of_row[i]]^T for all rows and experts in one launch (MoE). `routing`
+    (Triton only) is `triton_fp8.route(expert_of_row, E)`, shared by GEMMs with the same routing."""
     _check_gemm(a_fp8, a_scales, w_fp8, w_scale_inv, grouped=True)
     _need(a_fp8.dim() == 2 and w_fp8.dim() == 3, "a_fp8 must be (T, K) and w_fp8 (E, N, K)")
     _need(expert_of_row.shape == (a_fp8.shape[0],), f"expert_of_row must have shape ({a_fp8.shape[0]},)")
     if backend(a_fp8) == "triton":
         from .triton_fp8 import grouped_fp8_gemm as impl
 
-        return impl(a_fp8, a_scales, w_fp8, w_scale_inv, expert_of_row, out_dtype)
+        return impl(a_fp8, a_scales, w_fp8, w_scale_inv, expert_of_row, out_dtype, routing)
     out = torch.zeros(a_fp8.shape[0], w_fp8.shape[1], dtype=out_dtype, device=a_fp8.device)
     for e in expert_of_row.unique().tolist():
         rows = (expert_of_row == e).nonzero().flatten()

@@ -232,6 +232,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y if dtype == torch.float32 else y.to(dtype)
 
 
+def step_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear`, through the custom op while torch.compile traces (a plain call would break the graph)."""
+    return small_m_linear(x, w) if torch.compiler.is_compiling() else linear(x, w)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for few queries over a whole cache, fp32 on the CPU.
 

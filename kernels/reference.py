@@ -29,7 +29,8 @@ def weight_quant_ref(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor,
     nb, kb = wp.shape[0] // block, wp.shape[1] // block
     blocks = wp.view(nb, block, kb, block)
     amax = blocks.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR)
-    scale_inv = amax / FP8_MAX
+    scale_inv = amax / torch.full_like(amax, FP8_MAX)  # a tensor divisor: CUDA turns a scalar one into a
+    # multiply by its reciprocal, which rounds differently from the CPU; the kernels divide correctly rounded
     q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(nb * block, kb * block)[:n, :k].contiguous(), scale_inv.contiguous()
 
@@ -53,7 +54,7 @@ def act_quant_ref(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = N
         raise ValueError(f"act_quant: last dim K={k} is not a multiple of block_size={block}")
     g = x.float().reshape(*x.shape[:-1], k // block, block)
     amax = g.abs().amax(-1).clamp(min=AMAX_FLOOR)
-    s = amax / FP8_MAX
+    s = amax / torch.full_like(amax, FP8_MAX)  # correctly rounded on every device, as in the kernel
     if scale_fmt == "ue8m0":
         s = torch.exp2(torch.ceil(torch.log2(s)))
     y = (g / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)

@@ -425,6 +425,7 @@ def write_mtp_file(state: dict[str, torch.Tensor], args, path: str | os.PathLike
     meta = {"format": "pt", "num_nextn_predict_layers": str(args.n_mtp_layers), **(extra_metadata or {})}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

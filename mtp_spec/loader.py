@@ -115,8 +115,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     dequantised once at load unless keep_fp8 (default: on CUDA with compute capability >= 8.9).
     mtp_hidden: feed the MTP module the main model's hidden state "post" or "pre" its final norm.
     compile: "off" (eager, the reference), "on" (step-sized forwards use the CPU kernels and run
-    through torch.compile; CUDA graphs on CUDA), "auto" (the CPU kernels without torch.compile on
-    the CPU, where compiling does not pay back in a run; "on" on CUDA)."""
+    through torch.compile; CUDA graphs on CUDA), "auto" (the CPU kernels without torch.compile, which
+    does not pay back in a CPU run; on CUDA eager for now: torch.compile there is not yet measured)."""
     if compile not in COMPILE:
         raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {compile!r}")
     if part not in ("all", "main", "mtp"):
@@ -145,7 +145,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if model.mtp is not None:
         model.mtp.hidden_input = mtp_hidden
     model.source = str(path)
-    if compile == "on" or (compile == "auto" and device.type == "cuda"):
+    if compile == "on":
         model.compile_steps(blocks=True, mode="reduce-overhead" if device.type == "cuda" else None)
     elif compile == "auto":
         model.compile_steps(blocks=False)

@@ -40,3 +40,42 @@ def write_random_checkpoint(path: str | os.PathLike, args: ModelArgs | str = "ti
         args = ModelArgs.from_name(args)
     return write_checkpoint(random_state(args, seed, std), args, path, dtype=dtype, max_shard_bytes=max_shard_bytes,
                             extra_files=extra_files)
+
+
+@torch.no_grad()
+def random_model(args: ModelArgs | str, device: str | torch.device, seed: int = 0, fp8: bool = True,
+                 dtype: torch.dtype = torch.bfloat16, max_len: int | None = None, main: bool = True,
+                 mtp: bool = True, std: float = 0.02) -> Transformer:
+    """A random model built straight on `device`, with no files: for GPU benchmarks at sizes whose
+    checkpoint would take minutes to write. Tensors get the loader's kinds: with `fp8` (and an FP8
+    config) the projections the checkpoint stores in e4m3 are quantised on the device and kept so;
+    without, they are dequantised to `dtype`, as `load(keep_fp8=False)` does."""
+    from mtp_spec.checkpoint import is_fp8_tensor, to_hf_name
+    from mtp_spec.kernels import weight_dequant_ref, weight_quant_ref
+    from mtp_spec.model.layers import Linear
+
+    if isinstance(args, str):
+        args = ModelArgs.from_name(args)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(args, max_len=max_len, main=main, mtp=mtp)
+    modules = dict(model.named_modules())
+    g = torch.Generator(device=device).manual_seed(seed)
+    for pname, p in list(model.named_parameters()):
+        mod_name, _, attr = pname.rpartition(".")
+        mod = modules[mod_name]
+        t = torch.randn(p.shape, generator=g, device=device)
+        if pname.endswith("norm.weight"):
+            t = 1 + 0.1 * t
+        else:
+            t *= 0.05 if attr == "bias" else std
+        if args.fp8 and is_fp8_tensor(to_hf_name(pname, args)) and t.dim() == 2:
+            q, s = weight_quant_ref(t)
+            if fp8 and isinstance(mod, Linear):
+                mod.weight, mod.scale = torch.nn.Parameter(q, requires_grad=False), s
+                continue
+            t = weight_dequant_ref(q, s)
+        keep = torch.float32 if attr == "bias" else dtype
+        setattr(mod, attr, torch.nn.Parameter(t.to(keep), requires_grad=False))
+        del t
+    return model.materialize(device, keep_fp8=fp8 and args.fp8).eval()

@@ -67,8 +67,8 @@ class Engine:
         st = self.prefill(prompts, seed, run)
         while any(st.active):
             drafts = self.propose(st, run)
-            logits = self.verify(st, drafts)
-            acc = self.accept(st, drafts, logits, run)
+            out = self.verify(st, drafts)
+            acc = self.accept(st, drafts, out, run)
             self.emit(st, drafts, acc, run)
         return run.results
 
@@ -115,8 +115,8 @@ class Engine:
             return DraftBatch.from_lists(drafts, st.device, width=self.proposer.max_nodes)
         return drafts
 
-    def verify(self, st: DecodeState, drafts: DraftBatch) -> torch.Tensor:
-        """One forward of [newest token, drafts...] per row; logits (b, 1 + n, V)."""
+    def verify(self, st: DecodeState, drafts: DraftBatch):
+        """One forward of [newest token, drafts...] per row: logits (b, 1 + n, V) and hidden states."""
         cache = self.last_cache
         inp = torch.cat([st.last[:, None], drafts.tokens.clamp(min=0)], 1)
         tree = pos = None
@@ -124,21 +124,19 @@ class Engine:
             tree = drafts.tree_mask()
             depth = torch.cat([torch.zeros_like(drafts.tokens[:, :1]), drafts.depths()], 1)
             pos = cache.lengths[:, None] + depth
-        out = self.model(inp, cache=cache, tree_mask=tree, positions=pos, absorb=self.absorb, step=True)
-        self._out = out
-        return out.logits
+        return self.model(inp, cache=cache, tree_mask=tree, positions=pos, absorb=self.absorb, step=True)
 
-    def accept(self, st: DecodeState, drafts: DraftBatch, logits: torch.Tensor, run: _Run) -> Accepted:
+    def accept(self, st: DecodeState, drafts: DraftBatch, out, run: _Run) -> Accepted:
         """Verify every row at once, then roll the cache back to each row's accepted path (a tree
         branch has its entries moved into place) and hand the proposer what was committed."""
-        acc = verify_batch(logits, drafts, run.sp, st.gens, self.relaxed)
+        acc = verify_batch(out.logits, drafts, run.sp, st.gens, self.relaxed)
         cache = self.last_cache
         if drafts.parents is not None and drafts.n:
             _move_path(cache, acc)
-        cache.lengths = torch.where(st.active_t, cache.lengths + 1 + acc.n, cache.lengths)
+        cache.lengths.copy_(torch.where(st.active_t, cache.lengths + 1 + acc.n, cache.lengths))
         if self.proposer.wants_hidden:
             at = torch.cat([torch.zeros_like(acc.path[:, :1]), acc.path + 1], 1)  # root, then the path
-            hidden = self._hidden(self._out)
+            hidden = self._hidden(out)
             st.hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
             path_tokens = drafts.tokens.gather(1, acc.path) if drafts.n else drafts.tokens
             nxt = torch.cat([path_tokens, torch.zeros_like(acc.token[:, None])], 1)

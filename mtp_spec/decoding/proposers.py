@@ -229,7 +229,7 @@ class DraftModelProposer(Proposer):
             return toks.to(st.device), count.to(st.device)
         full = st.n_acc == self.k
         kept = self.cache.lengths - (self.k - 1) + st.n_acc.clamp(max=self.k - 1)  # drop rejected scratch
-        self.cache.lengths = torch.where(st.active_t, kept, self.cache.lengths)
+        self.cache.lengths.copy_(torch.where(st.active_t, kept, self.cache.lengths))
         first = torch.where(full, self.prev[:, -1], st.last)
         count = torch.where(st.active_t, 1 + full.long(), 0)
         return torch.stack([first, st.last], 1), count
@@ -247,24 +247,33 @@ class DraftModelProposer(Proposer):
 
         drafts = _chain(out.logits[:, 0], step, st, sp, self.k, self.sample_drafts)
         # the k-1 chained steps wrote scratch entries; count them so the next call can keep the good ones
-        self.cache.lengths = torch.where(st.active_t, self.cache.lengths + (self.k - 1), self.cache.lengths)
+        self.cache.lengths.copy_(torch.where(st.active_t, self.cache.lengths + (self.k - 1), self.cache.lengths))
         self.prev = drafts.tokens
         return drafts
 
 
 class OracleProposer(Proposer):
-    """Proposes from known continuations: always right (an upper bound), or always wrong when
-    `wrong` (every draft rejected). For tests and for measuring the verifier's ceiling."""
+    """Proposes from known continuations: always right (an upper bound), always wrong when `wrong`
+    (every draft rejected), or right at each position with probability `rate` (a fixed acceptance,
+    seeded): with random weights that isolates the cost side of speculation. For tests and benchmarks."""
 
     name = "oracle"
 
-    def __init__(self, references: list[list[int]], k: int, vocab_size: int, wrong: bool = False):
-        self.refs, self.k, self.vocab, self.wrong = references, k, vocab_size, wrong
+    def __init__(self, references: list[list[int]], k: int, vocab_size: int, wrong: bool = False,
+                 rate: float | None = None, seed: int = 0):
+        import random
+
+        self.refs, self.k, self.vocab, self.wrong, self.rate = references, k, vocab_size, wrong, rate
+        self.rng = random.Random(seed)
         self.max_nodes = k
+
+    def _draft(self, t: int) -> int:
+        right = not self.wrong and (self.rate is None or self.rng.random() < self.rate)
+        return t if right else (t + 1) % self.vocab
 
     def propose(self, st, sp):
         out = []
         for r, (toks, a) in enumerate(zip(st.tokens, st.active)):
             nxt = self.refs[r][len(toks):len(toks) + self.k] if a else []
-            out.append(Drafts.chain([(t + 1) % self.vocab for t in nxt] if self.wrong else nxt))
+            out.append(Drafts.chain([self._draft(t) for t in nxt]))
         return out

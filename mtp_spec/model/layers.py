@@ -83,9 +83,7 @@ class Linear(nn.Module):
 
             return fp8_linear(x, self.weight, self.scale)
         if self.small_m and cpu_linear.usable(x, self.weight):
-            if torch.compiler.is_compiling():
-                return cpu_linear.small_m_linear(x, self.weight)
-            return cpu_linear.linear(x, self.weight)
+            return cpu_linear.step_linear(x, self.weight)
         if x.dtype != self.weight.dtype:  # bf16 weights, fp32 activations (the CPU): the same math, upcast
             return F.linear(x, self.weight.to(x.dtype))
         return F.linear(x, self.weight)
@@ -139,9 +137,10 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin() * cs_scale, persistent=False)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at positions (b, s), gathered once per forward for every layer. Positions must
-        lie inside the table: the engine checks that from lengths it knows (no read-back here)."""
-        return self.cos[positions], self.sin[positions]
+        """cos and sin at positions (b, s), shaped (b, s, 1, d/2) to broadcast over heads, gathered once
+        per forward for every layer. Positions must lie inside the table: the engine checks that from
+        lengths it knows (no read-back here)."""
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (b, s, [h,] d) rotated by rope = tables(positions). DeepSeek's output is laid out
@@ -150,8 +149,8 @@ class Rotary(nn.Module):
         cos, sin = rope
         if cos.dtype != x.dtype:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if x.dim() == 4:
-            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        if x.dim() == 3:  # one head, no head axis (MLA's shared roped key)
+            cos, sin = cos[:, :, 0], sin[:, :, 0]
         if self.half:
             x1, x2 = x.chunk(2, dim=-1)
         else:

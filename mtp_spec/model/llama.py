@@ -42,14 +42,12 @@ class GQA(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape
-        if self.fused:
-            q, k, v = self.fused[0](x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        qkv = self.fused[0](x) if self.fused else torch.cat([self.wq(x), self.wk(x), self.wv(x)], -1)
         rot = self.rotary[0]
         rope = step.rope or rot.tables(step.positions)
-        q = rot(q.view(b, s, self.n_heads, self.hd), rope)
-        k = rot(k.view(b, s, self.n_kv, self.hd), rope).reshape(b, s, -1)
+        nq, nk = self.n_heads * self.hd, self.n_kv * self.hd
+        qk = rot(qkv[..., : nq + nk].reshape(b, s, self.n_heads + self.n_kv, self.hd), rope)  # one rotation
+        q, k, v = qk[:, :, : self.n_heads], qk[:, :, self.n_heads:].reshape(b, s, nk), qkv[..., nq + nk:]
         if cache is not None:
             ck, cv = cache
             ck.index_put_((step.rows, step.slots), k.to(ck.dtype))

@@ -32,6 +32,9 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+STEP_ROWS = 256  # rows (batch x tokens) up to which a CUDA router runs its batch-invariant product
+
+
 class Gate(nn.Module):
     """Chooses top-k experts per token.
 
@@ -49,7 +52,15 @@ class Gate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(args.n_routed_experts)) if self.method == "noaux_tc" else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        if x.is_cuda and x.shape[0] <= STEP_ROWS:
+            # cuBLAS picks its fp32 kernel by the row count, so a step and a verify would round the
+            # router's logits differently, and a near-tie between experts can flip (measured on an
+            # H200: 22% of first-position argmaxes of a random 16B model). Products in float64,
+            # rounded to fp32, agree whatever the row count (bar a value within 1e-16 of a rounding
+            # boundary): the routing of decode and verify steps stays batch-invariant.
+            logits = F.linear(x.double(), self.weight.double()).float()
+        else:
+            logits = F.linear(x.float(), self.weight.float())
         if self.score_func == "sigmoid":
             scores = logits.sigmoid()
         else:
@@ -120,34 +131,47 @@ class MoE(nn.Module):
 
     def pack_fp8(self) -> bool:
         """Stack the experts' e4m3 weights and scales into (E, N, K) tensors that the experts keep as
-        views (no copy stays behind), so that one grouped kernel runs every selected expert at once."""
+        views (no copy stays behind), so that one grouped kernel runs every selected expert at once;
+        w1 and w3 side by side as one (E, 2I, K) weight when I is whole 128-blocks (one GEMM for both)."""
         self.packed = None
         for name in ("w1", "w2", "w3"):
             lins = [getattr(e, name) for e in self.experts]
             if any(lin.weight.dtype != FP8 for lin in lins):
                 return False
+        inter = self.experts[0].w1.weight.shape[0]
+        groups = [("w13", ("w1", "w3")), ("w2", ("w2",))] if inter % 128 == 0 else \
+            [("w1", ("w1",)), ("w3", ("w3",)), ("w2", ("w2",))]
         packed = {}
-        for name in ("w1", "w2", "w3"):
-            lins = [getattr(e, name) for e in self.experts]
-            w = torch.stack([lin.weight.data for lin in lins])
-            s = torch.stack([lin.scale for lin in lins])
-            for i, lin in enumerate(lins):
-                lin.weight = nn.Parameter(w[i], requires_grad=False)
-                lin.scale = s[i]
-            packed[name] = (w, s)
+        for key, names in groups:
+            w = torch.stack([torch.cat([getattr(e, n).weight.data for n in names]) for e in self.experts])
+            s = torch.stack([torch.cat([getattr(e, n).scale for n in names]) for e in self.experts])
+            for i, e in enumerate(self.experts):
+                for j, n in enumerate(names):
+                    lin = getattr(e, n)
+                    rows, srows = lin.weight.shape[0], lin.scale.shape[0]
+                    lin.weight = nn.Parameter(w[i, j * rows:(j + 1) * rows], requires_grad=False)
+                    lin.scale = s[i, j * srows:(j + 1) * srows]
+            packed[key] = (w, s)
         self.packed = packed
         return True
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """FP8 experts on the GPU: rows sorted by expert on the device (no read-back), grouped GEMMs."""
+        from mtp_spec.kernels.triton_fp8 import route
+
         t, k = idx.shape
         tok = torch.arange(t, device=x.device).repeat_interleave(k)
         e = idx.flatten()
+        routing = route(e, len(self.experts))
         xq, xs = act_quant(x.contiguous())
         a, a_s = xq.view(torch.uint8)[tok].view(FP8), xs[tok].contiguous()  # gather bytes: fp8 indexing is patchy
-        h1 = grouped_fp8_gemm(a, a_s, *self.packed["w1"], e)
-        h3 = grouped_fp8_gemm(a, a_s, *self.packed["w3"], e)
+        if "w13" in self.packed:
+            h1, h3 = grouped_fp8_gemm(a, a_s, *self.packed["w13"], e, routing=routing).chunk(2, dim=-1)
+        else:
+            h1 = grouped_fp8_gemm(a, a_s, *self.packed["w1"], e, routing=routing)
+            h3 = grouped_fp8_gemm(a, a_s, *self.packed["w3"], e, routing=routing)
         hq, hs = act_quant((F.silu(h1) * h3).contiguous())
-        y = grouped_fp8_gemm(hq, hs, *self.packed["w2"], e)
+        y = grouped_fp8_gemm(hq, hs, *self.packed["w2"], e, routing=routing)
         return (y * weights.flatten()[:, None]).view(t, k, -1).sum(1).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +195,7 @@ class MoE(nn.Module):
         e, two_i, d = self.stacked["w13"].shape
         w13 = self.stacked["w13"].reshape(e * two_i, d)
         if self.small_m and cpu_linear.usable(x, w13):
-            h = cpu_linear.linear(x, w13)
+            h = cpu_linear.step_linear(x, w13)
         else:
             h = F.linear(x, w13.to(x.dtype))
         h = h.view(-1, e, 2, two_i // 2)
@@ -179,7 +203,7 @@ class MoE(nn.Module):
         combine = torch.zeros(x.shape[0], e, dtype=x.dtype, device=x.device).scatter(1, idx, weights.to(x.dtype))
         a = (a * combine[:, :, None]).reshape(x.shape[0], -1)
         if self.small_m and cpu_linear.usable(a, self.stacked["w2_all"]):
-            return cpu_linear.linear(a, self.stacked["w2_all"])
+            return cpu_linear.step_linear(a, self.stacked["w2_all"])
         return a @ self.stacked["w2t"].reshape(-1, d).to(x.dtype)
 
     def _gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

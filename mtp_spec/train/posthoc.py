@@ -6,7 +6,10 @@ model's hidden state h_i and the next token t_{i+1}, and is trained to output th
 choice at position i+1 (its argmax for t_{i+2}), not the corpus token.
 
     1. data      corpus documents (stdlib and installed packages' sources and docs, held-out modules
-                 excluded) plus chat-formatted turns built from them, tokenized: tokens.npy
+                 excluded) plus chat-formatted turns built from them, tokenized: tokens.npy; and,
+                 with generated_tokens, the main model's own greedy answers to requests and code
+                 beginnings built from the training documents (generated.npy): at inference the
+                 drafter reads the model's own text, so that is the distribution to learn
     2. cache     the frozen main model runs once over the tokens in chunks; its hidden states (bf16)
                  and argmax are memory-mapped on disk, so training passes cost only the MTP layer
     3. vocab     the draft vocabulary: the N tokens the main model predicts most often (FR-Spec)
@@ -54,6 +57,13 @@ class PosthocConfig:
     eval_every: int = 100
     seed: int = 0
     threads: int = 0
+    chained: float = 1.0  # weight of the second (chained) draft's loss; 0: the first draft only
+    cache_from: str = ""  # another run dir whose tokens and cached hidden states to reuse
+    init_from: str = ""  # an mtp.safetensors to start from (e.g. a layer trained without chaining)
+    generated_tokens: int = 0  # the main model's own greedy answers added to the training part
+    gen_share: float = 0.5  # fraction of training windows drawn from those answers
+    gen_batch: int = 16
+    gen_max_new: int = 128
 
 
 # --- 1. data ---------------------------------------------------------------------------------------
@@ -145,6 +155,76 @@ def prepare_tokens(cfg: PosthocConfig, out: Path, tok) -> np.ndarray:
     return arr
 
 
+@torch.no_grad()
+def generate_own(cfg: PosthocConfig, out: Path, tok, model_dir: Path, progress: bool = True) -> np.ndarray:
+    """generated.npy: prompt + greedy answer + eos for chat requests and code beginnings built from
+    the training documents (never the held-out ones), generated in batches by our own engine.
+    generated.jsonl keeps finished batches, so a kill resumes at the next batch."""
+    path = out / "generated.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    from mtp_spec.decoding.engine import Engine
+    from mtp_spec.loader import load
+    from mtp_spec.train import corpus
+
+    train_docs, _ = corpus.split(corpus.stdlib_docs())
+    prompts = [tok.chat(p["messages"]) for p in corpus.chat_prompts(train_docs)]
+    prompts += [tok.encode(p["prompt"], add_bos=False) for p in corpus.code_prompts(train_docs)]
+    random.Random(cfg.seed + 1).shuffle(prompts)
+    log = out / "generated.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    total, used = sum(len(r) for r in rows), len(rows)
+    model = load(model_dir, max_len=max(len(p) for p in prompts) + cfg.gen_max_new + 8, compile="auto")
+    engine, t0 = Engine(model), time.perf_counter()
+    while total < cfg.generated_tokens:
+        if used >= len(prompts):
+            raise ValueError(f"{len(prompts)} prompts gave only {total} of generated_tokens {cfg.generated_tokens}")
+        batch = prompts[used:used + cfg.gen_batch]
+        res = engine.generate(batch, cfg.gen_max_new, eos_id=tok.eos_id)
+        new = [p + r.token_ids + ([] if r.token_ids[-1:] == [tok.eos_id] else [tok.eos_id]) for p, r in zip(batch, res)]
+        with open(log, "a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in new))
+        used += len(batch)
+        total += sum(len(r) for r in new)
+        if progress:
+            print(f"[generate] {total}/{cfg.generated_tokens} tokens, {used} prompts "
+                  f"({total / (time.perf_counter() - t0):.0f} tok/s this run)", file=sys.stderr, flush=True)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    arr = np.asarray([t for r in rows for t in r], dtype=np.int32)
+    tmp = out / "generated.tmp.npy"
+    np.save(tmp, arr, allow_pickle=False)
+    tmp.replace(path)
+    return arr
+
+
+def extend_tokens(out: Path, base: np.ndarray, gen: np.ndarray, base_dir: Path, chunk: int) -> np.ndarray:
+    """tokens_all.npy = base + generated. Where base_dir holds the base tokens' cached hidden states,
+    the whole chunks among them are copied into this run's cache, so only the rest is computed."""
+    path = out / "tokens_all.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    n = len(base) + len(gen)
+    done = base_dir / "cache_done.json"
+    if base_dir != out and done.exists():
+        chunks = min(json.loads(done.read_text())["chunks"], len(base) // chunk)
+        old_h = np.load(base_dir / "hidden.npy", mmap_mode="r")
+        old_t = np.load(base_dir / "argmax.npy", mmap_mode="r")
+        hid = np.lib.format.open_memmap(out / "hidden.npy", mode="w+", dtype=np.uint16, shape=(n, old_h.shape[1]))
+        top = np.lib.format.open_memmap(out / "argmax.npy", mode="w+", dtype=np.int32, shape=(n,))
+        for lo in range(0, chunks * chunk, 65536):
+            hi = min(chunks * chunk, lo + 65536)
+            hid[lo:hi] = old_h[lo:hi]
+            top[lo:hi] = old_t[lo:hi]
+        hid.flush()
+        top.flush()
+        atomic_write_text(out / "cache_done.json", json.dumps({"chunks": chunks}))
+    arr = np.concatenate([np.asarray(base), np.asarray(gen)]).astype(np.int32)
+    tmp = out / "tokens_all.tmp.npy"
+    np.save(tmp, arr, allow_pickle=False)
+    tmp.replace(path)
+    return arr
+
+
 # --- 2. cache ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def cache_hidden(cfg: PosthocConfig, out: Path, model, tokens: np.ndarray, progress: bool = True) -> None:
@@ -201,20 +281,48 @@ def init_layer(model) -> None:
 
 
 def _batch(hid, top, tokens, starts: list[int], window: int):
-    h = torch.stack([torch.from_numpy(np.asarray(hid[s:s + window]).view(np.int16)).view(torch.bfloat16)
+    """Windows of: hidden states h_j, next tokens t_{j+1}, and the main model's choices at j+1 and j+2
+    (the targets of the first and of the chained second draft)."""
+    h = torch.stack([torch.from_numpy(np.array(hid[s:s + window]).view(np.int16)).view(torch.bfloat16)
                      for s in starts]).float()
     nxt = torch.stack([torch.from_numpy(np.asarray(tokens[s + 1:s + 1 + window], dtype=np.int64)) for s in starts])
-    tgt = torch.stack([torch.from_numpy(np.asarray(top[s + 1:s + 1 + window], dtype=np.int64)) for s in starts])
-    return h, nxt, tgt
+    tgt = torch.stack([torch.from_numpy(np.asarray(top[s + 1:s + 2 + window], dtype=np.int64)) for s in starts])
+    return h, nxt, tgt[:, :-1], tgt[:, 1:]
 
 
-def _loss(model, h, nxt, tgt, vocab_index):
-    out = model.mtp(nxt, h)
-    logits = out.logits  # -inf outside the draft vocabulary
-    sub = logits[..., model.mtp.layers[0].draft_vocab]
+def _chain_mask(w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask and positions for [first drafts (w); chained second drafts (w)] in one forward: a second
+    draft from base position j sits at position j+1 and sees the first-draft entries up to j and
+    itself, as the draft step does at inference over the MTP cache."""
+    ar = torch.arange(w)
+    first = ar[None, :] <= ar[:, None]
+    mask = torch.zeros(2 * w, 2 * w, dtype=torch.bool)
+    mask[:w, :w] = first
+    mask[w:, :w] = first
+    mask[w:, w:] = torch.eye(w, dtype=torch.bool)
+    return mask, torch.cat([ar, ar + 1])
+
+
+def _loss(model, h, nxt, tgt, tgt2, vocab_index, chained: float):
+    """Cross-entropy of the first draft against the main model's choice (over the draft vocabulary),
+    plus `chained` times that of the second draft, made by the layer from its own output state and
+    the first draft's target token, as the proposer chains it."""
+    mtp = model.mtp
+    vocab = mtp.layers[0].draft_vocab  # the head returns logits over these tokens (see _FrozenHead)
+    if chained:
+        first = mtp(nxt, h)
+        w = nxt.shape[1]
+        mask, pos = _chain_mask(w)
+        out = mtp(torch.cat([nxt, tgt], 1), torch.cat([h, first.hidden_states], 1), tree_mask=mask,
+                  positions=pos.expand(nxt.shape[0], -1))
+        logits, logits2 = out.logits[:, :w], out.logits[:, w:]
+    else:
+        logits = mtp(nxt, h).logits
     target = vocab_index[tgt]  # -1 where the main model's choice is outside the draft vocabulary
-    loss = F.cross_entropy(sub.flatten(0, 1), target.flatten(), ignore_index=-1)
-    acc = (logits.argmax(-1) == tgt).float().mean()
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1)
+    if chained:
+        loss = loss + chained * F.cross_entropy(logits2.flatten(0, 1), vocab_index[tgt2].flatten(), ignore_index=-1)
+    acc = (vocab[logits.argmax(-1)] == tgt).float().mean()
     return loss, acc
 
 
@@ -226,8 +334,11 @@ def train(cfg: PosthocConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "posthoc_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != asdict(cfg):
-        raise ValueError(f"{saved}: differs from this run's settings; use another --out to start afresh")
+    free = {"steps", "eval_every", "threads"}  # a resumed run may be lengthened or shortened
+    if saved.exists():
+        old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in free}
+        if old != {k: v for k, v in asdict(cfg).items() if k not in free}:
+            raise ValueError(f"{saved}: differs from this run's settings; use another --out to start afresh")
     atomic_write_text(saved, json.dumps(asdict(cfg), indent=2))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -236,23 +347,40 @@ def train(cfg: PosthocConfig, progress: bool = True) -> Path:
     tok = load_tokenizer(model_dir)
     if tok is None:
         raise ValueError(f"{model_dir}: post-hoc MTP training needs the model's tokenizer.json")
-    tokens = prepare_tokens(cfg, out, tok)
+    data = Path(cfg.cache_from) if cfg.cache_from else out
+    tokens = prepare_tokens(cfg, data, tok)
+    n_docs = len(tokens)
+    if cfg.generated_tokens:
+        gen = generate_own(cfg, out, tok, model_dir, progress)
+        tokens = extend_tokens(out, tokens, gen, data, cfg.chunk)
+        data = out
     # fp32 weights (bf16 values widened exactly): chunks of many tokens are compute-bound, where
     # MKL's fp32 GEMM is fastest; the hidden states are those the bf16-weight model computes
     main = load(model_dir, dtype=torch.float32, part="main", max_len=cfg.chunk)
-    cache_hidden(cfg, out, main, tokens, progress)
-    hid = np.load(out / "hidden.npy", mmap_mode="r")
-    top = np.load(out / "argmax.npy", mmap_mode="r")
+    cache_hidden(cfg, data, main, tokens, progress)
+    hid = np.load(data / "hidden.npy", mmap_mode="r")
+    top = np.load(data / "argmax.npy", mmap_mode="r")
 
     args = main.args.with_(n_mtp_layers=1)
     from mtp_spec.model import Transformer
 
-    model = Transformer(args, max_len=cfg.window + 8)  # fp32; its embedding and head stay tied to the main's
+    model = Transformer(args, max_len=cfg.window + 16)  # fp32; its embedding and head stay tied to the main's
     model.load_state_dict(main.state_dict(), strict=False)
     del main
     init_layer(model)
     vocab = draft_vocab(top[cfg.heldout_tokens:], cfg.draft_vocab)
     layer = model.mtp.layers[0]
+    if cfg.init_from:
+        from safetensors.torch import load_file
+
+        from mtp_spec.checkpoint import from_hf_name
+
+        sd = load_file(cfg.init_from)
+        vocab = sd.pop(f"model.layers.{args.n_layers}.draft_vocab").long()
+        sd = {from_hf_name(k, args).removeprefix("mtp.layers.0."): v.float() for k, v in sd.items()}
+        missing, unexpected = layer.load_state_dict(sd, strict=False)
+        if unexpected or any(not k.startswith(("embed", "head", "draft_vocab")) for k in missing):
+            raise ValueError(f"{cfg.init_from}: not an MTP layer of this model ({unexpected or missing})")
     layer.draft_vocab = vocab
     layer.sub_head = []
     vocab_index = torch.full((args.vocab_size,), -1, dtype=torch.long)
@@ -276,9 +404,9 @@ def train(cfg: PosthocConfig, progress: bool = True) -> Path:
         print(f"[train] resuming at step {step}", file=sys.stderr)
     curve = out / "curve.csv"
     if step == 0 or not curve.exists():
-        curve.write_text("step,loss,train_acc,heldout_acc,lr,tokens_per_s\n")
-    lo, hi = cfg.heldout_tokens, len(tokens) - cfg.window - 2
-    held = [s for s in range(0, cfg.heldout_tokens - cfg.window - 2, cfg.window)]
+        curve.write_text("step,loss,train_acc,heldout_acc,heldout_both_acc,lr,tokens_per_s\n")
+    lo, hi = cfg.heldout_tokens, len(tokens) - cfg.window - 3
+    held = [s for s in range(0, cfg.heldout_tokens - cfg.window - 3, cfg.window)]
     while step < cfg.steps:
         t0 = time.perf_counter()
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
@@ -288,25 +416,31 @@ def train(cfg: PosthocConfig, progress: bool = True) -> Path:
             g["lr"] = lr
         rng = np.random.default_rng([cfg.seed, step])
         starts = rng.integers(lo, hi, size=cfg.batch).tolist()
-        h, nxt, tgt = _batch(hid, top, tokens, starts, cfg.window)
+        if n_docs < len(tokens):  # a gen_share of the windows from the model's own answers
+            own = rng.random(cfg.batch) < cfg.gen_share
+            starts = [int(rng.integers(n_docs, hi)) if o else int(rng.integers(lo, n_docs - cfg.window - 3))
+                      for o in own]
+        h, nxt, tgt, tgt2 = _batch(hid, top, tokens, starts, cfg.window)
         model.train()
-        loss, acc = _loss(model, h, nxt, tgt, vocab_index)
+        loss, acc = _loss(model, h, nxt, tgt, tgt2, vocab_index, cfg.chained)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         tps = cfg.batch * cfg.window / (time.perf_counter() - t0)
-        held_acc = ""
+        held_acc = held_acc2 = ""
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            held_acc = f"{heldout_acceptance(model, hid, top, tokens, held, cfg.window, vocab_index):.4f}"
+            a1, a2 = heldout_acceptance(model, hid, top, tokens, held, cfg.window, vocab_index)
+            held_acc, held_acc2 = f"{a1:.4f}", f"{a2:.4f}"
             _save(out, layer, step)
             if progress:
                 print(f"[train] step {step}: loss {loss.item():.3f} train acc {acc.item():.3f} "
-                      f"held-out acc {held_acc} ({tps:.0f} tok/s)", file=sys.stderr, flush=True)
+                      f"held-out acc {held_acc}, both drafts {held_acc2} ({tps:.0f} tok/s)", file=sys.stderr,
+                      flush=True)
         with open(curve, "a", newline="") as fh:
-            csv.writer(fh).writerow([step, f"{loss.item():.4f}", f"{acc.item():.4f}", held_acc, f"{lr:.2e}",
-                                     f"{tps:.0f}"])
+            csv.writer(fh).writerow([step, f"{loss.item():.4f}", f"{acc.item():.4f}", held_acc, held_acc2,
+                                     f"{lr:.2e}", f"{tps:.0f}"])
     layer.head = model.head
     sd = {k: v for k, v in hf_state_dict(model, args).items() if k.startswith(f"model.layers.{args.n_layers}.")}
     meta = {"trained_on": str(model_dir), "steps": str(cfg.steps), "tokens": str(cfg.tokens),
@@ -315,32 +449,37 @@ def train(cfg: PosthocConfig, progress: bool = True) -> Path:
 
 
 class _FrozenHead(torch.nn.Module):
-    """The shared head restricted to the draft vocabulary, for training: full-vocabulary logits with
-    -inf outside it (as the MTP layer returns at inference)."""
+    """The shared head restricted to the draft vocabulary, for training: logits over the draft
+    vocabulary only (index i is token vocab[i]); the full-vocabulary scatter of inference is skipped."""
 
     def __init__(self, weight: torch.Tensor, vocab: torch.Tensor, size: int):
         super().__init__()
         self.register_buffer("w", weight.float())
-        self.vocab, self.size, self.out_features = vocab, size, size
+        self.vocab, self.out_features = vocab, size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sub = F.linear(x, self.w)
-        full = sub.new_full((*sub.shape[:-1], self.size), float("-inf"))
-        return full.scatter(-1, self.vocab.expand_as(sub), sub)
+        return F.linear(x, self.w)
 
 
 @torch.no_grad()
 def heldout_acceptance(model, hid, top, tokens, starts: list[int], window: int, vocab_index) -> float:
     """Teacher-forced acceptance on held-out windows: how often the MTP layer's argmax equals the main
-    model's choice (its first-draft acceptance rate at T=0, given the main model's hidden states)."""
+    model's choice (its first-draft acceptance rate at T=0, given the main model's hidden states), and
+    how often the chained second draft is right too."""
     model.eval()
-    hits = total = 0
+    hits = hits2 = total = 0
+    mask, pos = _chain_mask(window)
+    vocab = model.mtp.layers[0].draft_vocab
     for i in range(0, len(starts), 16):
-        h, nxt, tgt = _batch(hid, top, tokens, starts[i:i + 16], window)
-        pred = model.mtp(nxt, h).logits.argmax(-1)
-        hits += int((pred == tgt).sum())
+        h, nxt, tgt, tgt2 = _batch(hid, top, tokens, starts[i:i + 16], window)
+        first = model.mtp(nxt, h)
+        right = vocab[first.logits.argmax(-1)] == tgt
+        hits += int(right.sum())
+        out = model.mtp(torch.cat([nxt, tgt], 1), torch.cat([h, first.hidden_states], 1), tree_mask=mask,
+                        positions=pos.expand(nxt.shape[0], -1))
+        hits2 += int((right & (vocab[out.logits[:, window:].argmax(-1)] == tgt2)).sum())
         total += tgt.numel()
-    return hits / max(total, 1)
+    return hits / max(total, 1), hits2 / max(total, 1)
 
 
 def _save(out: Path, layer, step: int) -> None:
