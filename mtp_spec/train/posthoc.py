@@ -170,10 +170,16 @@ def generate_own(cfg: PosthocConfig, out: Path, tok, model_dir: Path, progress: 
     train_docs, _ = corpus.split(corpus.stdlib_docs())
     prompts = [tok.chat(p["messages"]) for p in corpus.chat_prompts(train_docs)]
     prompts += [tok.encode(p["prompt"], add_bos=False) for p in corpus.code_prompts(train_docs)]
+    from mtp_spec.loader import model_args
+
+    room = min(1024, model_args(model_dir).max_seq_len) - cfg.gen_max_new - 8
+    prompts = [p for p in prompts if len(p) <= room]  # a prompt and its answer fit the context
     random.Random(cfg.seed + 1).shuffle(prompts)
     log = out / "generated.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    total, used = sum(len(r) for r in rows), len(rows)
+    total, used = sum(len(r["ids"]) for r in rows), len(rows)
+    if not prompts:
+        raise ValueError(f"{model_dir}: no request fits its context of {room + cfg.gen_max_new + 8} tokens")
     model = load(model_dir, max_len=max(len(p) for p in prompts) + cfg.gen_max_new + 8, compile="auto")
     engine, t0 = Engine(model), time.perf_counter()
     while total < cfg.generated_tokens:
@@ -181,16 +187,17 @@ def generate_own(cfg: PosthocConfig, out: Path, tok, model_dir: Path, progress: 
             raise ValueError(f"{len(prompts)} prompts gave only {total} of generated_tokens {cfg.generated_tokens}")
         batch = prompts[used:used + cfg.gen_batch]
         res = engine.generate(batch, cfg.gen_max_new, eos_id=tok.eos_id)
-        new = [p + r.token_ids + ([] if r.token_ids[-1:] == [tok.eos_id] else [tok.eos_id]) for p, r in zip(batch, res)]
+        ends = [[] if r.token_ids[-1:] == [tok.eos_id] else [tok.eos_id] for r in res]
+        new = [{"prompt_len": len(p), "ids": p + r.token_ids + e} for p, r, e in zip(batch, res, ends)]
         with open(log, "a") as fh:
             fh.write("".join(json.dumps(r) + "\n" for r in new))
         used += len(batch)
-        total += sum(len(r) for r in new)
+        total += sum(len(r["ids"]) for r in new)
         if progress:
             print(f"[generate] {total}/{cfg.generated_tokens} tokens, {used} prompts "
                   f"({total / (time.perf_counter() - t0):.0f} tok/s this run)", file=sys.stderr, flush=True)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    arr = np.asarray([t for r in rows for t in r], dtype=np.int32)
+    arr = np.asarray([t for r in rows for t in r["ids"]], dtype=np.int32)
     tmp = out / "generated.tmp.npy"
     np.save(tmp, arr, allow_pickle=False)
     tmp.replace(path)
