@@ -32,6 +32,18 @@ def interleaved(prompts: list, runners: dict[str, Callable], warmup: int = 1) ->
     return out
 
 
+def peer_runners(hf, eos_id: int, max_new: int, names=("transformers", "transformers-lookup")) -> dict:
+    """transformers' greedy `generate` and its prompt lookup (3 tokens) as runners for `interleaved`."""
+    from types import SimpleNamespace
+
+    from mtp_spec.decoding.strategies import peer_generate
+
+    def run(prompt, lookup=None):
+        return SimpleNamespace(token_ids=peer_generate(hf, prompt, max_new, eos_id, lookup), metrics=None)
+
+    return {names[0]: run, names[1]: lambda p: run(p, 3)}
+
+
 def summary(recs: list[dict], base: list[dict] | None = None) -> dict:
     tokens = sum(r["tokens"] for r in recs)
     wall = sum(r["wall_s"] for r in recs)

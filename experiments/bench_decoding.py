@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _bench import interleaved, predicted_speedup, step_costs, summary  # noqa: E402
+from _bench import interleaved, peer_runners, predicted_speedup, step_costs, summary  # noqa: E402
 
 import mtp_spec  # noqa: E402
 from mtp_spec.decoding.engine import Engine  # noqa: E402
@@ -134,18 +134,7 @@ def hf_compare(path, prompts, eos, max_new, max_len, report) -> None:
         bf16 = convert_to_bf16(path, Path(tmp) / "bf16")
         hf = transformers.AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
 
-        class R:
-            def __init__(self, ids):
-                self.token_ids, self.metrics = ids, None
-
-        def gen(p, lookup=None):
-            x = torch.tensor([p])
-            with torch.no_grad():
-                out = hf.generate(x, max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=eos,
-                                  prompt_lookup_num_tokens=lookup)
-            return R(out[0, len(p):].tolist())
-
-        run = {"transformers": gen, "transformers lookup 3": lambda p: gen(p, 3)}
+        run = peer_runners(hf, eos, max_new, names=("transformers", "transformers lookup 3"))
         for name, mode in (("ours eager", "off"), ("ours fast", "auto")):
             m = mtp_spec.load(bf16, dtype=torch.float32, part="main", max_len=max_len, compile=mode)
             for strategy, k in (("vanilla", 1), ("ngram", 3)):

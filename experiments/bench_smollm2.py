@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _bench import interleaved, predicted_speedup, step_costs, summary  # noqa: E402
+from _bench import interleaved, peer_runners, predicted_speedup, step_costs, summary  # noqa: E402
 
 import mtp_spec  # noqa: E402
 from mtp_spec.decoding.engine import Engine  # noqa: E402
@@ -43,19 +43,7 @@ def transformers_runners(path: Path, tok, max_new: int) -> dict:
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-
-    class R:
-        def __init__(self, ids):
-            self.token_ids, self.metrics = ids, None
-
-    def run(prompt, lookup=None):
-        x = torch.tensor([prompt])
-        with torch.no_grad():
-            out = hf.generate(x, max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_id,
-                              pad_token_id=tok.eos_id, prompt_lookup_num_tokens=lookup)
-        return R(out[0, x.shape[1]:].tolist())
-
-    return {"transformers": run, "transformers-lookup": lambda p: run(p, 3)}
+    return peer_runners(hf, tok.eos_id, max_new)
 
 
 def main() -> None:

@@ -70,3 +70,16 @@ def test_cached_decoding_equals_full_forward(pair):
         parts.append(ours(ids[:, lo:hi], cache=cache).logits)
         cache.lengths += hi - lo
     assert rel_err(torch.cat(parts, 1), full) <= 1e-5
+
+
+def test_the_peer_generates_what_we_generate(pair):
+    """The experiments' transformers peer (greedy, and with prompt lookup) on the same weights gives
+    our vanilla greedy tokens."""
+    from mtp_spec.decoding.engine import Engine
+    from mtp_spec.decoding.strategies import peer_generate
+
+    ours, theirs = pair
+    prompt = [5, 9, 2, 7, 5, 9, 2]
+    ref = Engine(ours).generate([prompt], 12)[0].token_ids
+    assert peer_generate(theirs, prompt, 12, None) == ref
+    assert peer_generate(theirs, prompt, 12, None, lookup=3) == ref

@@ -13,6 +13,16 @@ STRATEGIES = ("vanilla", "mtp", "mtp-tree", "ngram", "draft-model")
 PEERS = ("transformers", "transformers-lookup")
 
 
+@torch.no_grad()
+def peer_generate(hf, prompt: list[int], max_new: int, eos_id: int | None, lookup: int | None = None) -> list[int]:
+    """A peer's greedy output: transformers' `generate` on one prompt (with prompt lookup of `lookup`
+    tokens for 'transformers-lookup'); the new token ids."""
+    x = torch.tensor([prompt])
+    out = hf.generate(x, max_new_tokens=max_new, do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id,
+                      prompt_lookup_num_tokens=lookup)
+    return out[0, x.shape[1]:].tolist()
+
+
 def make_proposer(strategy: str, model, k: int, tree_width: int = 2, draft=None, ngram_max: int = 3,
                   sample_drafts: bool = True, compile: str = "off") -> P.Proposer:
     """`draft` is a loaded draft model (a Transformer) or a checkpoint directory for `draft-model`."""

@@ -107,6 +107,7 @@ class Runner:
         """transformers on the same directory and prompts, greedy (with prompt lookup for
         'transformers-lookup'), one prompt at a time; timed like our requests."""
         from mtp_spec.decoding.engine import Result
+        from mtp_spec.decoding.strategies import peer_generate
         from mtp_spec.metrics import SpecMetrics
 
         if getattr(self, "hf", None) is None:
@@ -120,11 +121,8 @@ class Runner:
         out, t0 = [], time.perf_counter()
         for i in idx:
             s0 = time.perf_counter()
-            x = torch.tensor([self.ids[i]])
-            ids = self.hf.generate(x, max_new_tokens=cell.max_new_tokens, do_sample=False, eos_token_id=self.tok.eos_id,
-                                   pad_token_id=self.tok.eos_id,
-                                   prompt_lookup_num_tokens=3 if cell.strategy == "transformers-lookup" else None)
-            new = ids[0, x.shape[1]:].tolist()
+            new = peer_generate(self.hf, self.ids[i], cell.max_new_tokens, self.tok.eos_id,
+                                3 if cell.strategy == "transformers-lookup" else None)
             m = SpecMetrics(num_steps=len(new), num_generated=len(new), total_s=time.perf_counter() - s0)
             out.append(Result(new, "eos" if new and new[-1] == self.tok.eos_id else "length", m))
         return out, time.perf_counter() - t0
