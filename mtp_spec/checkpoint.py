@@ -304,7 +304,6 @@ def validate(reader: CheckpointReader, args: ModelArgs, part: str = "all") -> di
 def load_state(model: torch.nn.Module, reader: CheckpointReader, args: ModelArgs, dtype: torch.dtype,
                device: torch.device | str, keep_fp8: bool = False) -> None:
     """Fill the (meta or allocated) model's parameters one tensor at a time."""
-    from mtp_spec.model.layers import Linear
 
     modules = dict(model.named_modules())
     for pname in [n for n, _ in model.named_parameters()]:
@@ -313,21 +312,32 @@ def load_state(model: torch.nn.Module, reader: CheckpointReader, args: ModelArgs
         mod_name, _, attr = pname.rpartition(".")
         mod = modules[mod_name]
         _check_finite(t, hf, reader)
+        scale = None
         if t.dtype == FP8:
             scale = reader.get(hf + SCALE)
             _check_finite(scale, hf + SCALE, reader)
-            if keep_fp8 and isinstance(mod, Linear):
-                mod.weight = torch.nn.Parameter(t.to(device), requires_grad=False)
-                mod.scale = scale.to(device)
-                continue
-            t = weight_dequant_ref(t, scale)
-        keep = torch.float32 if attr == "bias" else dtype  # the router bias stays fp32, as in DeepSeek
-        setattr(mod, attr, torch.nn.Parameter(t.to(device=device, dtype=keep), requires_grad=False))
+        place(mod, attr, t, scale, keep_fp8, dtype, device)
         del t
     if getattr(model, "mtp", None) is not None:
         for layer, name in zip(model.mtp.layers, draft_vocab_names(args)):
             if name in reader:
                 layer.draft_vocab = reader.get(name).to(device=device, dtype=torch.long)
+
+
+def place(mod: torch.nn.Module, attr: str, t: torch.Tensor, scale: torch.Tensor | None, keep_fp8: bool,
+          dtype: torch.dtype, device: torch.device | str) -> None:
+    """Set one parameter as the model keeps it: an e4m3 Linear weight (with its `scale`) stays e4m3
+    when keep_fp8, else it is dequantised; the rest in `dtype`, the router bias in fp32 (as DeepSeek)."""
+    from mtp_spec.model.layers import Linear
+
+    if scale is not None:
+        if keep_fp8 and isinstance(mod, Linear):
+            mod.weight = torch.nn.Parameter(t.to(device), requires_grad=False)
+            mod.scale = scale.to(device)
+            return
+        t = weight_dequant_ref(t, scale)
+    keep = torch.float32 if attr == "bias" else dtype
+    setattr(mod, attr, torch.nn.Parameter(t.to(device=device, dtype=keep), requires_grad=False))
 
 
 def _check_finite(t: torch.Tensor, name: str, reader: CheckpointReader) -> None:

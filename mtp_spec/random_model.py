@@ -50,9 +50,8 @@ def random_model(args: ModelArgs | str, device: str | torch.device, seed: int = 
     checkpoint would take minutes to write. Tensors get the loader's kinds: with `fp8` (and an FP8
     config) the projections the checkpoint stores in e4m3 are quantised on the device and kept so;
     without, they are dequantised to `dtype`, as `load(keep_fp8=False)` does."""
-    from mtp_spec.checkpoint import is_fp8_tensor, to_hf_name
-    from mtp_spec.kernels import weight_dequant_ref, weight_quant_ref
-    from mtp_spec.model.layers import Linear
+    from mtp_spec.checkpoint import is_fp8_tensor, place, to_hf_name
+    from mtp_spec.kernels import weight_quant_ref
 
     if isinstance(args, str):
         args = ModelArgs.from_name(args)
@@ -61,21 +60,17 @@ def random_model(args: ModelArgs | str, device: str | torch.device, seed: int = 
         model = Transformer(args, max_len=max_len, main=main, mtp=mtp)
     modules = dict(model.named_modules())
     g = torch.Generator(device=device).manual_seed(seed)
+    keep_fp8 = fp8 and args.fp8
     for pname, p in list(model.named_parameters()):
         mod_name, _, attr = pname.rpartition(".")
-        mod = modules[mod_name]
         t = torch.randn(p.shape, generator=g, device=device)
         if pname.endswith("norm.weight"):
             t = 1 + 0.1 * t
         else:
             t *= 0.05 if attr == "bias" else std
+        scale = None
         if args.fp8 and is_fp8_tensor(to_hf_name(pname, args)) and t.dim() == 2:
-            q, s = weight_quant_ref(t)
-            if fp8 and isinstance(mod, Linear):
-                mod.weight, mod.scale = torch.nn.Parameter(q, requires_grad=False), s
-                continue
-            t = weight_dequant_ref(q, s)
-        keep = torch.float32 if attr == "bias" else dtype
-        setattr(mod, attr, torch.nn.Parameter(t.to(keep), requires_grad=False))
+            t, scale = weight_quant_ref(t)
+        place(modules[mod_name], attr, t, scale, keep_fp8, dtype, device)
         del t
-    return model.materialize(device, keep_fp8=fp8 and args.fp8).eval()
+    return model.materialize(device, keep_fp8=keep_fp8).eval()
