@@ -10,6 +10,15 @@ from collections.abc import Callable
 import torch
 
 
+def suite_prompts(tok, suite: str, n: int) -> list[list[int]]:
+    """n prompts spread over a shipped suite (or JSONL file), as token ids (chat ones templated)."""
+    from mtp_spec.experiment.schema import load_prompts, resolve_suite
+
+    rows = load_prompts(resolve_suite(suite))
+    return [tok.encode(p["prompt"]) if "prompt" in p else tok.chat(p["messages"])
+            for p in rows[:: max(1, len(rows) // n)][:n]]
+
+
 def interleaved(prompts: list, runners: dict[str, Callable], warmup: int = 1) -> dict[str, list[dict]]:
     """runners: name -> fn(prompt) returning a Result-like object (token_ids, metrics). Every prompt
     runs every runner, starting at a rotating offset. Returns per-runner lists of per-prompt records."""

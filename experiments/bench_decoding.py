@@ -26,12 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _bench import interleaved, peer_runners, predicted_speedup, step_costs, summary  # noqa: E402
+from _bench import interleaved, peer_runners, predicted_speedup, step_costs, suite_prompts, summary  # noqa: E402
 
 import mtp_spec  # noqa: E402
 from mtp_spec.decoding.engine import Engine  # noqa: E402
 from mtp_spec.decoding.strategies import make_proposer  # noqa: E402
-from mtp_spec.experiment.schema import load_prompts, resolve_suite  # noqa: E402
 from mtp_spec.loader import resolve_model  # noqa: E402
 from mtp_spec.tokenizer import load_tokenizer  # noqa: E402
 
@@ -64,8 +63,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     path = resolve_model(a.model)
     tok = load_tokenizer(path)
-    rows = load_prompts(resolve_suite(a.suite))
-    prompts = [tok.encode(p["prompt"]) for p in rows[:: max(1, len(rows) // a.n_prompts)][: a.n_prompts]]
+    prompts = suite_prompts(tok, a.suite, a.n_prompts)
     max_len = max(max(map(len, prompts)) + a.max_new + 32, 256)
     report: dict = {"model": str(path), "threads": a.threads, "n_prompts": len(prompts), "max_new": a.max_new,
                     "torch": torch.__version__, "paths": {}}

@@ -139,9 +139,11 @@ def is_fp8_tensor(hf_name: str) -> bool:
 def expected_tensors(args: ModelArgs, part: str = "all") -> dict[str, tuple[int, ...]]:
     """Checkpoint names and shapes that a model with these args has (scales excluded).
     part: "all", "main" or "mtp"."""
+    import mtp_spec.parallel as parallel
     from mtp_spec.model import Transformer
 
-    with torch.device("meta"):  # the tied head of a Llama appears once, as the embedding
+    # the checkpoint's full shapes, whatever this process's share of them (tensor parallelism)
+    with torch.device("meta"), parallel.using(parallel.World()):  # a Llama's tied head appears once, as the embedding
         model = Transformer(args, max_len=2, main=part in ("all", "main"), mtp=part in ("all", "mtp"))
     return {to_hf_name(n, args): tuple(p.shape) for n, p in model.named_parameters()}
 
@@ -179,6 +181,7 @@ class CheckpointReader:
         if (self.path / MTP_FILE).is_file():
             files = files + [MTP_FILE]
         self.files = files
+        self.bytes_read = 0  # tensor bytes read so far (a rank of a parallel run reads its slices only)
         self._handles: dict[str, object] = {}
         self.where: dict[str, str] = {}
         for f in files:
@@ -203,6 +206,10 @@ class CheckpointReader:
                 raise CheckpointError(f"{p}: corrupt safetensors file ({e})") from None
         return self._handles[f]
 
+    def close(self, f: str) -> None:
+        """Unmap shard file f (it reopens on the next read)."""
+        self._handles.pop(f, None)
+
     def keys(self) -> list[str]:
         return list(self.where)
 
@@ -214,9 +221,24 @@ class CheckpointReader:
         if f is None:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
         try:
-            return self._open(f).get_tensor(name)
+            t = self._open(f).get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{self.path / f}: cannot read tensor '{name}' ({e})") from None
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def get_part(self, name: str, dim: int, start: int, end: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, end) of a tensor, reading only those bytes."""
+        f = self.where.get(name)
+        if f is None:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
+        try:
+            sl = self._open(f).get_slice(name)
+            t = (sl[start:end] if dim == 0 else sl[:, start:end]).contiguous()  # columns may come strided
+        except Exception as e:
+            raise CheckpointError(f"{self.path / f}: cannot read tensor '{name}' ({e})") from None
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
     def dtype_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
         sl = self._open(self.where[name]).get_slice(name)
@@ -306,22 +328,51 @@ def load_state(model: torch.nn.Module, reader: CheckpointReader, args: ModelArgs
     """Fill the (meta or allocated) model's parameters one tensor at a time."""
 
     modules = dict(model.named_modules())
-    for pname in [n for n, _ in model.named_parameters()]:
+    for pname, _ in model.named_parameters():  # refuse a bad split from the headers, before reading anything
+        mod_name, _, attr = pname.rpartition(".")
+        shard = getattr(modules[mod_name], "shard", None) if attr == "weight" else None
         hf = to_hf_name(pname, args)
-        t = reader.get(hf)
+        if shard is not None and hf in reader and reader.dtype_shape(hf)[0] == "F8_E4M3":
+            _scale_part(hf, shard, reader)
+    # shard by shard, each unmapped when done: the pages read stay resident only while their file is open
+    names = sorted((reader.where.get(to_hf_name(n, args), ""), n) for n, _ in model.named_parameters())
+    for i, (f, pname) in enumerate(names):
+        hf = to_hf_name(pname, args)
         mod_name, _, attr = pname.rpartition(".")
         mod = modules[mod_name]
+        shard = getattr(mod, "shard", None) if attr == "weight" else None
+        t = reader.get(hf) if shard is None else reader.get_part(hf, *shard)
         _check_finite(t, hf, reader)
         scale = None
         if t.dtype == FP8:
-            scale = reader.get(hf + SCALE)
+            if shard is None:
+                scale = reader.get(hf + SCALE)
+            else:
+                scale = reader.get_part(hf + SCALE, *_scale_part(hf, shard, reader))
             _check_finite(scale, hf + SCALE, reader)
         place(mod, attr, t, scale, keep_fp8, dtype, device)
-        del t
+        del t, scale
+        if i + 1 == len(names) or names[i + 1][0] != f:
+            reader.close(f)
     if getattr(model, "mtp", None) is not None:
         for layer, name in zip(model.mtp.layers, draft_vocab_names(args)):
             if name in reader:
                 layer.draft_vocab = reader.get(name).to(device=device, dtype=torch.long)
+
+
+def _scale_part(name: str, shard: tuple[int, int, int], reader: CheckpointReader) -> tuple[int, int, int]:
+    """The scale blocks of a weight slice. Slices must be whole 128-blocks: a cut through a block would
+    leave two ranks one scale for different rows. The test looks at the slice's width, not where it
+    starts, so every rank (all slices are equal) reaches the same verdict and none waits on the others."""
+    import mtp_spec.parallel as parallel
+
+    dim, start, end = shard
+    n = reader.dtype_shape(name)[1][dim]
+    if (end - start) % 128:
+        raise CheckpointError(f"{reader.path / reader.where[name]}: fp8 tensor '{name}' cannot be split across "
+                              f"world size {parallel.world().size}: this rank's {'rows' if dim == 0 else 'columns'} "
+                              f"[{start}, {end}) of {n} cut a 128x128 weight_scale_inv block")
+    return dim, start // 128, -(-end // 128)
 
 
 def place(mod: torch.nn.Module, attr: str, t: torch.Tensor, scale: torch.Tensor | None, keep_fp8: bool,
@@ -332,12 +383,20 @@ def place(mod: torch.nn.Module, attr: str, t: torch.Tensor, scale: torch.Tensor 
 
     if scale is not None:
         if keep_fp8 and isinstance(mod, Linear):
-            mod.weight = torch.nn.Parameter(t.to(device), requires_grad=False)
-            mod.scale = scale.to(device)
+            mod.weight = torch.nn.Parameter(_own(t, device), requires_grad=False)
+            mod.scale = _own(scale, device)
             return
         t = weight_dequant_ref(t, scale)
     keep = torch.float32 if attr == "bias" else dtype
-    setattr(mod, attr, torch.nn.Parameter(t.to(device=device, dtype=keep), requires_grad=False))
+    setattr(mod, attr, torch.nn.Parameter(_own(t, device, keep), requires_grad=False))
+
+
+def _own(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t on device in dtype, in memory of its own: safetensors hands out CPU tensors that view the
+    file's mmap, which would keep every shard mapped (and resident) for the model's life, and a
+    rewritten checkpoint file would change or fault the weights under a running model."""
+    out = t.to(device=device, dtype=dtype or t.dtype)
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
 def _check_finite(t: torch.Tensor, name: str, reader: CheckpointReader) -> None:

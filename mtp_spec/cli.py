@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def cmd_generate(a) -> int:
     import mtp_spec
     from mtp_spec.decoding.engine import Engine
     from mtp_spec.decoding.sampling import SamplingParams
-    from mtp_spec.decoding.strategies import make_proposer
+    from mtp_spec.decoding.strategies import AUTO_K_MAX, make_proposer
     from mtp_spec.loader import check_device, default_generate_model, model_args, resolve_model, weights_path
     from mtp_spec.tokenizer import load_tokenizer
 
@@ -107,7 +108,15 @@ def cmd_generate(a) -> int:
     relaxed = _relaxed(a.relaxed)
     if relaxed is not None and not sp.greedy:
         raise ValueError("--relaxed works with greedy decoding only (--temperature 0)")
-    for flag, v in (("--k", a.k), ("--tree-width", a.tree_width), ("--ngram-max", a.ngram_max),
+    if a.k is None:  # auto for mtp (also the default strategy when the model has an MTP layer), else 3
+        a.k = "auto" if a.strategy in (None, "mtp") else "3"
+    if a.k != "auto" and not a.k.lstrip("-").isdigit():
+        raise ValueError(f"--k must be a whole number >= 1 or 'auto', got {a.k!r}")
+    if a.k == "auto" and a.strategy not in (None, "mtp"):
+        raise ValueError(f"--k auto works with --strategy mtp only, not {a.strategy}")
+    a.k = a.k if a.k == "auto" else int(a.k)
+    depth = AUTO_K_MAX if a.k == "auto" else a.k  # the deepest chain a step may draft
+    for flag, v in (("--k", depth), ("--tree-width", a.tree_width), ("--ngram-max", a.ngram_max),
                     ("--max-new-tokens", a.max_new_tokens)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
@@ -116,7 +125,7 @@ def cmd_generate(a) -> int:
     dtype = None if a.dtype == "auto" else DTYPES[a.dtype]
     tok = load_tokenizer(a.model)
     prompts = _prompts(a, tok)
-    slots = a.k * (a.tree_width if a.strategy == "mtp-tree" else 1)
+    slots = depth * (a.tree_width if a.strategy == "mtp-tree" else 1)
     need = max(len(p) for p in prompts) + a.max_new_tokens + slots + 2
     limit = model_args(a.model).max_seq_len
     if need > limit:
@@ -127,6 +136,12 @@ def cmd_generate(a) -> int:
                           keep_fp8=None if a.fp8_path == "auto" else a.fp8_path == "fp8",
                           mtp_hidden=a.mtp_hidden, compile=a.compile)
     strategy = a.strategy or ("mtp" if model.mtp is not None else "vanilla")
+    if a.draft_vocab is not None:
+        if strategy not in ("mtp", "mtp-tree"):
+            raise ValueError(f"--draft-vocab works with --strategy mtp or mtp-tree, not {strategy}")
+        from mtp_spec.draft_vocab import apply_draft_vocab
+
+        apply_draft_vocab(model, a.draft_vocab, a.model)  # before the proposer: --k auto times this draft step
     proposer = make_proposer(strategy, model, a.k, a.tree_width, a.draft_model, a.ngram_max, compile=a.compile)
     eos = tok.eos_id if tok is not None else model.args.eos_token_id
     stream = not a.json and len(prompts) == 1 and tok is not None
@@ -155,7 +170,9 @@ def cmd_generate(a) -> int:
             rec = {"text": text, "token_ids": r.token_ids, "num_drafts": m.num_drafts,
                    "num_draft_tokens": m.num_draft_tokens, "num_accepted_tokens": m.num_accepted_tokens,
                    "accepted_per_pos": m.accepted_per_pos, "tokens_per_s": m.tokens_per_s, "strategy": strategy,
-                   "k": 0 if strategy == "vanilla" else a.k, "acceptance_len": m.acceptance_len,
+                   "k": 0 if strategy == "vanilla" else a.k, "steps_per_k": m.steps_per_k,
+                   "draft_vocab": a.draft_vocab or 0,
+                   "acceptance_len": m.acceptance_len,
                    "acceptance_rate": m.acceptance_rate, "finish_reason": r.finish_reason,
                    "temperature": a.temperature, "lossy": r.lossy, "weights": path, "device": str(a.device),
                    "compile": model.steps.summary()}
@@ -170,6 +187,9 @@ def cmd_generate(a) -> int:
         per_pos = " ".join(f"{x:.2f}" for x in m.per_pos_rate) or "-"
         print(f"\n--- {m.num_generated} tokens in {m.total_s:.2f} s: {m.tokens_per_s:.1f} tokens/s | "
               f"strategy {strategy}" + (f" k={a.k}" if strategy != "vanilla" else "")
+              + (f" draft vocab {a.draft_vocab}" if a.draft_vocab else "")
+              + (f" (steps per k: {' '.join(f'{k}:{n}' for k, n in enumerate(m.steps_per_k))})"
+                 if strategy == "mtp" and a.k == "auto" else "")
               + f" | AL {m.acceptance_len:.2f} | AR {m.acceptance_rate:.2f} | per-position acceptance {per_pos}"
               + (" | LOSSY (relaxed acceptance)" if r.lossy else "")
               + f" | {a.device} {next(p.dtype for p in model.parameters() if p.element_size() > 1)} weights: {path}"
@@ -181,6 +201,33 @@ def cmd_generate(a) -> int:
         print(f"--- compare: {strategy} {spec:.1f} tokens/s vs vanilla {van:.1f} tokens/s on the same prompts: "
               f"{spec / van:.2f}x | outputs equal to vanilla: {same}/{len(results)}",
               file=sys.stderr if a.quiet_stats else sys.stdout)
+    return 0
+
+
+def cmd_count_tokens(a) -> int:
+    import numpy as np
+
+    from mtp_spec.draft_vocab import COUNTS_FILE, count_tokens, write_counts
+    from mtp_spec.loader import model_args, resolve_model
+    from mtp_spec.tokenizer import load_tokenizer
+    from mtp_spec.train import corpus
+
+    path = resolve_model(a.model)
+    tok = load_tokenizer(path)
+    if tok is None:
+        raise ValueError(f"--model {path}: no tokenizer.json to count tokens with")
+    if a.corpus:
+        texts, source = corpus.corpus_texts(a.corpus), ", ".join(map(str, a.corpus))
+    else:  # the shipped model's training corpus, which every machine has
+        texts = corpus.training_texts()
+        source = (f"the stdlib training corpus: Python {sys.version.split()[0]} standard library + pydoc topics, "
+                  "held-out modules left out (mtp_spec.train.corpus.training_texts)")
+    counts = count_tokens(tok, texts, model_args(path, with_mtp=False).vocab_size)
+    out = write_counts(a.out or path / COUNTS_FILE, counts, source)
+    top, total = np.sort(counts)[::-1].cumsum(), max(int(counts.sum()), 1)
+    cover = ", ".join(f"{n} {top[n - 1] / total:.1%}" for n in (512, 1024, 2048, 4096) if n < len(counts))
+    print(f"{out}: {int(counts.sum())} tokens in {len(texts)} documents, {int((counts > 0).sum())} distinct ids; "
+          f"the N most frequent cover: {cover}")
     return 0
 
 
@@ -246,13 +293,14 @@ def cmd_train(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from mtp_spec.experiment.report import load_requests, summarize, table
+    import mtp_spec.parallel as parallel
+    from mtp_spec.experiment.report import load_costs, load_requests, summarize, table
     from mtp_spec.experiment.runner import run
 
     run_dir = run(a.config, out=a.out, resume=a.resume, dry_run=a.dry_run, progress=not a.no_progress)
-    if run_dir is None:
+    if run_dir is None or not parallel.is_main():
         return 0
-    s = summarize(load_requests(run_dir))
+    s = summarize(load_requests(run_dir), load_costs(run_dir))
     print(table(s))
     print(f"\nresults: {run_dir}")
     return 3 if s["lossless_violations"].sum() else 0
@@ -268,6 +316,75 @@ def cmd_report(a) -> int:
     return 3 if s["lossless_violations"].sum() else 0
 
 
+def cmd_plan(a) -> int:
+    from mtp_spec import plan
+
+    args = plan.resolve_args(a.model)
+    kw = dict(batch=a.batch, context=a.context, weights=a.weights or ("fp8" if args.fp8 else "bf16"),
+              with_mtp=not a.no_mtp, kv_dtype=a.kv_dtype, reserve=a.reserve, prefill_chunk=a.prefill_chunk,
+              k=a.k, model=a.model)
+    p = plan.make_plan(args, plan.parse_gpus(a.gpus), **kw)
+    print(plan.render_plan(args, p, plan.known_plans(args, **kw)))
+    room = plan.max_batch(args, p.cluster, **kw)
+    print(f"room on {p.cluster.name} for {room} sequence(s) of {a.context} tokens at these settings" if room
+          else f"no batch of {a.context}-token sequences fits on {p.cluster.name} at these settings")
+    return 0
+
+
+def cmd_project(a) -> int:
+    from mtp_spec import plan
+    from mtp_spec.io import atomic_write_text
+
+    if (a.run is None) == (a.acceptance is None):
+        raise ValueError("give the acceptance: --run RESULTS_DIR or --acceptance P1,P2,...")
+    acc = (plan.acceptance_from_run(a.run, a.strategy, a.temperature) if a.run is not None
+           else plan.Acceptance(plan.parse_acceptance(a.acceptance), "--acceptance"))
+    if a.overhead_us < 0:
+        raise ValueError(f"--overhead-us must be >= 0, got {a.overhead_us}")
+    if a.costs:
+        costs = plan.MeasuredCosts.load(a.costs)
+        batches = costs.batches
+    else:
+        args = plan.resolve_args(a.model)
+        costs = plan.BandwidthModel(args, plan.parse_gpus(a.gpus), a.weights or ("fp8" if args.fp8 else "bf16"),
+                                    a.context, a.kv_dtype, a.efficiency, a.allreduce_us * 1e-6)
+        batches = [int(b) for b in a.batches.split(",") if b.strip().isdigit()]
+        if len(batches) != len(a.batches.split(",")) or min(batches) < 1:
+            raise ValueError(f"--batches {a.batches!r}: expected comma-separated integers >= 1, e.g. 1,2,4")
+    if a.max_k < 0:
+        raise ValueError(f"--max-k must be >= 0, got {a.max_k}")
+    notes = plan.projection_assumptions(a.overhead_us * 1e-6, bandwidth=not a.costs)
+    cells = plan.project(costs, acc.cond, range(a.max_k + 1), batches, a.overhead_us * 1e-6)
+    print(plan.render_projection(cells, acc, costs, notes))
+    if a.json:
+        atomic_write_text(a.json, json.dumps(plan.projection_json(cells, acc, costs, notes), indent=2) + "\n")
+        print(f"\ntable: {a.json}")
+    return 0
+
+
+def _join_world(a) -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: every rank runs the same command on its
+    share of the weights; only rank 0 prints, streams and writes records."""
+    import mtp_spec.parallel as parallel
+
+    if not parallel.launched():
+        return
+    if a.cmd not in ("generate", "run"):
+        if int(os.environ["WORLD_SIZE"]) == 1:  # some job systems set it for every process
+            return
+        raise ValueError(f"`mtp-spec {a.cmd}` runs in one process; only generate and run go under torchrun")
+    if a.cmd == "run":  # the backend follows the device the config names (NCCL for cuda, else gloo)
+        from mtp_spec.experiment import schema
+
+        device = schema.load(a.config).device
+    else:
+        device = a.device
+    parallel.init(device)
+    if not parallel.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        a.quiet_stats = False  # the summary lines go to stdout, i.e. nowhere
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mtp-spec", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -281,10 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
     g.add_argument("--chat", action="store_true", help="apply the chat template")
     g.add_argument("--strategy", choices=STRATEGIES, help="default: mtp when the model has an MTP layer")
-    g.add_argument("--k", type=int, default=3, help="draft tokens per step (tree depth)")
+    g.add_argument("--k", help="draft tokens per step (tree depth), or 'auto' (mtp: chosen before every step, "
+                               "0..4, from acceptance and step times); default: auto for mtp, else 3")
     g.add_argument("--tree-width", type=int, default=2, help="branches per level for mtp-tree")
     g.add_argument("--draft-model", help="checkpoint dir of the draft model for draft-model")
     g.add_argument("--ngram-max", type=int, default=3)
+    g.add_argument("--draft-vocab", type=int, metavar="N",
+                   help="mtp/mtp-tree: the MTP head drafts from the N most frequent tokens only (FR-Spec; "
+                        "MODEL/token_counts.json); verification keeps the full head, so output is unchanged")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -301,10 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt (see module doc)")
     g.add_argument("--quiet-stats", action="store_true", help="print the summary line to stderr")
     g.add_argument("--compile", default="auto", choices=COMPILE,
-                   help="step path: off = eager reference; on = CPU kernels + torch.compile (CUDA graphs on CUDA); "
+                   help="step path: off = eager reference; on = CPU kernels + torch.compile (no CUDA graphs); "
                         "auto = CPU kernels on the CPU, on with CUDA")
     g.add_argument("--compare", action="store_true", help="also run vanilla on the same prompts; print the speedup")
     g.set_defaults(fn=cmd_generate)
+
+    ct = sub.add_parser("count-tokens", help="count token frequencies over a corpus (MODEL/token_counts.json): "
+                                             "what --draft-vocab N ranks tokens by")
+    ct.add_argument("--model", default=None, help="checkpoint dir or model name whose tokenizer counts "
+                                                  "(default: the shipped model)")
+    ct.add_argument("--corpus", nargs="+", type=Path, help="text files or directories (*.txt, *.md, *.py); "
+                    "default: the shipped model's training corpus (the stdlib)")
+    ct.add_argument("--out", type=Path, help="the file to write (default: MODEL/token_counts.json)")
+    ct.set_defaults(fn=cmd_count_tokens)
 
     i = sub.add_parser("import-gguf", help="import a llama-architecture GGUF file into an HF layout directory")
     i.add_argument("file")
@@ -349,6 +479,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="dir for the PNGs (default: RUN/plots)")
     p.set_defaults(fn=cmd_report)
 
+    pl = sub.add_parser("plan", help="per-GPU memory of a model under the parallel scheme: does it fit?")
+    pl.add_argument("--model", required=True, help="preset (e.g. deepseek-v3-671b), model name or checkpoint dir")
+    pl.add_argument("--gpus", required=True, help="8xH200, 16xH100, 8xH100, 8xB200, or NxMEM such as 8x96GB, 4x80GiB")
+    pl.add_argument("--batch", type=int, default=8, help="sequences served at once")
+    pl.add_argument("--context", type=int, default=16384, help="tokens per sequence (KV cache length)")
+    pl.add_argument("--weights", choices=["fp8", "bf16"], help="default: the checkpoint's own (fp8 if quantised)")
+    pl.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer (weights and its KV cache)")
+    pl.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8", "fp32"])
+    pl.add_argument("--reserve", type=float, default=0.10, help="fraction of each GPU kept back (CUDA context, "
+                                                                "NCCL, fragmentation)")
+    pl.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward (activations)")
+    pl.add_argument("--k", type=int, default=3, help="drafts per verify step (activations)")
+    pl.set_defaults(fn=cmd_plan)
+
+    pj = sub.add_parser("project", help="project MTP decode speedup per k and batch from measured acceptance")
+    pj.add_argument("--run", help="results/<run-id> of `mtp-spec run` (its requests.jsonl)")
+    pj.add_argument("--acceptance", help="conditional acceptance per draft position, e.g. 0.8,0.6,0.45")
+    pj.add_argument("--strategy", default="mtp", help="records of this strategy in --run")
+    pj.add_argument("--temperature", type=float, help="records at this temperature in --run")
+    pj.add_argument("--costs", help="measured cost table JSON (device, verify [[n, b, s]], draft [[b, s]])")
+    pj.add_argument("--model", default="deepseek-v3-671b", help="for the bandwidth model: preset or checkpoint dir")
+    pj.add_argument("--gpus", default="8xH200", help="for the bandwidth model: 8xH200, 16xH100, 8xH100, 8xB200")
+    pj.add_argument("--weights", choices=["fp8", "bf16"])
+    pj.add_argument("--context", type=int, default=4096, help="KV cache length each row reads")
+    pj.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8", "fp32"])
+    pj.add_argument("--efficiency", type=float, default=0.7, help="fraction of peak bandwidth and FLOPS reached")
+    pj.add_argument("--allreduce-us", type=float, default=10.0, help="latency per collective, microseconds")
+    pj.add_argument("--overhead-us", type=float, default=0.0,
+                    help="host time per decode step outside the forwards, microseconds (plain and speculative)")
+    pj.add_argument("--batches", default="1,2,4,8,16,32,64")
+    pj.add_argument("--max-k", type=int, default=4)
+    pj.add_argument("--json", metavar="OUT", help="also write the table as JSON")
+    pj.set_defaults(fn=cmd_project)
+
     r = sub.add_parser("init-random", help="write a random checkpoint of a preset, in the real layout")
     r.add_argument("dst")
     r.add_argument("--preset", default="tiny")
@@ -363,11 +527,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        _join_world(a)
         return a.fn(a)
     except (ValueError, OSError, RuntimeError, KeyError) as e:  # ConfigError, CheckpointError are ValueErrors
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"mtp-spec: error: {msg}", file=sys.stderr)
+        if not getattr(e, "all_ranks", False) or _rank() == 0:  # an error every rank shares: said once
+            print(f"mtp-spec: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _rank() -> int:
+    import mtp_spec.parallel as parallel
+
+    return parallel.world().rank
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
   num_draft_tokens      draft tokens proposed (tree nodes count one each)
   num_accepted_tokens   draft tokens accepted (the bonus/corrected token is not counted)
   accepted_per_pos[i]   steps whose accepted path reached depth i+1
+  steps_per_k[k]        steps the proposer ran at draft depth k (0: no drafts; `--k auto` varies it)
 Derived:
   acceptance_rate  AR = num_accepted_tokens / num_draft_tokens
   acceptance_len   AL = 1 + num_accepted_tokens / num_drafts  (bonus included; vanilla = 1.00, Spec-Bench)
@@ -28,10 +29,14 @@ class SpecMetrics:
     num_generated: int = 0
     ttft_s: float = 0.0
     total_s: float = 0.0
+    steps_per_k: list[int] = field(default_factory=list)
 
-    def record(self, drafted: int, accepted: int) -> None:
-        """One verify step: `drafted` tokens proposed, the accepted path `accepted` long."""
+    def record(self, drafted: int, accepted: int, k: int | None = None) -> None:
+        """One verify step: `drafted` tokens proposed, the accepted path `accepted` long, at depth k."""
         self.num_steps += 1
+        if k is not None:
+            self.steps_per_k += [0] * (k + 1 - len(self.steps_per_k))
+            self.steps_per_k[k] += 1
         if drafted:
             self.num_drafts += 1
             self.num_draft_tokens += drafted
@@ -42,14 +47,12 @@ class SpecMetrics:
                 self.accepted_per_pos[i] += 1
 
     def merge(self, other: SpecMetrics) -> SpecMetrics:
-        n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
-        pad = lambda v: v + [0] * (n - len(v))
         return SpecMetrics(
             self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
             self.num_accepted_tokens + other.num_accepted_tokens,
-            [a + b for a, b in zip(pad(self.accepted_per_pos), pad(other.accepted_per_pos))],
+            _add(self.accepted_per_pos, other.accepted_per_pos),
             self.num_steps + other.num_steps, self.num_generated + other.num_generated,
-            self.ttft_s + other.ttft_s, self.total_s + other.total_s)
+            self.ttft_s + other.ttft_s, self.total_s + other.total_s, _add(self.steps_per_k, other.steps_per_k))
 
     @property
     def acceptance_rate(self) -> float:
@@ -85,3 +88,9 @@ class SpecMetrics:
                  per_pos_rate=self.per_pos_rate, per_pos_cond=self.per_pos_cond,
                  tokens_per_s=self.tokens_per_s, tpot_s=self.tpot_s)
         return d
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    """Elementwise sum of two counts lists of any lengths."""
+    n = max(len(a), len(b))
+    return [x + y for x, y in zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))]

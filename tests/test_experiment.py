@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mtp_spec.experiment import schema
-from mtp_spec.experiment.report import load_requests, report, summarize
+from mtp_spec.experiment.report import load_costs, load_requests, report, summarize
 from mtp_spec.experiment.runner import read_records, run
 from mtp_spec.tokenizer import write_byte_tokenizer
 
@@ -78,7 +78,7 @@ def test_run_records_every_request_checks_losslessness_and_reports(setup, tmp_pa
     s2, files = report([run_dir, run_dir], tmp_path / "plots")
     # one temperature: no acceptance-vs-temperature plot (a plot whose axis has one value is skipped)
     assert {f.name for f in files} == {"acceptance_per_position.png", "al_speedup_vs_k.png",
-                                       "speedup_vs_batch.png", "per_category.png"}
+                                       "speedup_vs_batch.png", "speedup_vs_batch_by_policy.png", "per_category.png"}
     assert all(f.stat().st_size > 1000 for f in files)
 
 
@@ -134,6 +134,11 @@ def test_a_run_killed_with_sigkill_resumes_without_losing_or_duplicating(setup, 
     assert len(keys) == total == len(set(keys))
     assert after[: len(before)] == before  # what was there is kept as it was
     assert all(r["lossless"] is True for r in after if r["strategy"] != "vanilla" and r["temperature"] == 0)
+    # the cost table measured at warm-up gives every fixed-k mtp cell a predicted speedup
+    s = summarize(load_requests(run_dir), load_costs(run_dir))
+    mtp = s[s["strategy"] == "mtp"]
+    assert len(mtp) and mtp["predicted"].gt(0).all(), mtp[["k", "temperature", "batch_size", "predicted"]]
+    assert s.loc[s["strategy"] != "mtp", "predicted"].isna().all()
 
 
 def test_spec_bench_question_format_is_accepted(tmp_path):

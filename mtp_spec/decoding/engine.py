@@ -46,6 +46,7 @@ class _Run:
     on_tokens: Callable[[int, list[int]], None] | None
     results: list[Result]
     t0: float
+    t_read: float = 0.0  # when the latest read-back returned: steps are timed from one to the next
 
 
 class Engine:
@@ -102,6 +103,7 @@ class Engine:
             st.next_tokens = nxt.scatter(1, (lens - 1)[:, None], first[:, None])
             st.n_new = lens
         ttft = time.perf_counter() - run.t0
+        run.t_read = time.perf_counter()
         for i, t in enumerate(first.tolist()):
             run.results[i].metrics.ttft_s = ttft
             self._commit(st, i, [t], run)
@@ -135,7 +137,8 @@ class Engine:
             _move_path(cache, acc)
         cache.lengths.copy_(torch.where(st.active_t, cache.lengths + 1 + acc.n, cache.lengths))
         if self.proposer.wants_hidden:
-            at = torch.cat([torch.zeros_like(acc.path[:, :1]), acc.path + 1], 1)  # root, then the path
+            root = torch.zeros_like(acc.token[:, None])  # (b, 1) even when nothing was drafted
+            at = torch.cat([root, acc.path + 1], 1)  # root, then the path
             hidden = self._hidden(out)
             st.hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
             path_tokens = drafts.tokens.gather(1, acc.path) if drafts.n else drafts.tokens
@@ -147,16 +150,22 @@ class Engine:
         return acc
 
     def emit(self, st: DecodeState, drafts: DraftBatch, acc: Accepted, run: _Run) -> None:
-        """The step's one read-back: accepted counts, tokens and draft counts of every row."""
+        """The step's one read-back: accepted counts, tokens and draft counts of every row. The read-back
+        waits for the device, so the time from one to the next is the whole step's, without a sync."""
         path_tokens = drafts.tokens.gather(1, acc.path) if drafts.n else drafts.tokens
         rows = torch.cat([acc.n[:, None], acc.drafted[:, None], path_tokens, acc.token[:, None]], 1).tolist()
+        now = time.perf_counter()
+        seconds, run.t_read = now - run.t_read, now
+        seen = []
         for i, row in enumerate(rows):
             if not st.active[i]:
                 continue
             n, drafted = row[0], row[1]
-            run.results[i].metrics.record(drafted, n)
+            seen.append((i, drafted, n))
+            run.results[i].metrics.record(drafted, n, self.proposer.depth)
             st.lengths[i] += 1 + n
             self._commit(st, i, row[2:2 + n] + [row[-1]], run)
+        self.proposer.observe(st, seen, seconds)
 
     # --- helpers ------------------------------------------------------------------------------------
     def _commit(self, st: DecodeState, i: int, new: list[int], run: _Run) -> None:

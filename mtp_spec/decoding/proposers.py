@@ -9,10 +9,13 @@ without reading anything back; host-side ones (n-gram, oracles) return a list of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+import mtp_spec.parallel as parallel
+from mtp_spec.decoding.cost import DEFAULT_PRIOR, Acceptance, CostModel, choose_depth, measure
 from mtp_spec.decoding.sampling import SamplingParams, probs
 from mtp_spec.decoding.verify import DraftBatch, Drafts, sample_rows, tree_of
 
@@ -43,12 +46,17 @@ class Proposer:
     name = "vanilla"
     wants_hidden = False  # whether the engine must keep main-model hidden states for `propose`
     max_nodes = 0  # most draft tokens per step, for sizing caches
+    depth = 0  # the draft depth k of the latest propose (0: none); the metrics count steps per k
 
     def reset(self, batch: int, max_len: int) -> None:
         """Called once per generate() with the batch size and the cache length it needs."""
 
     def propose(self, st: DecodeState, sp: SamplingParams) -> DraftBatch | list[Drafts] | None:
         return None
+
+    def observe(self, st: DecodeState, steps: list[tuple[int, int, int]], seconds: float) -> None:
+        """After each step's read-back: (row, drafted, accepted) for every row that was active, and the
+        seconds since the previous read-back (the whole step, device and host)."""
 
 
 def _pick(logits: torch.Tensor, sp: SamplingParams, gens, sample_drafts: bool):
@@ -92,29 +100,58 @@ class MTPProposer(Proposer):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.model, self.mtp, self.k, self.sample_drafts = model, model.mtp, k, sample_drafts
-        self.max_nodes = k
+        self.max_nodes = self.depth = k
+        self.lag = 0  # most committed tokens that may wait for an extend (steps without drafts)
 
     @property
     def hidden_input(self) -> str:
         return self.mtp.hidden_input
 
     def reset(self, batch: int, max_len: int) -> None:
-        self.cache = self.mtp.new_cache(batch, max_len + self.max_nodes + 1)
+        self.cache = self.mtp.new_cache(batch, max_len + max(self.max_nodes, self.lag) + 1)
         self.first = True  # the first extend covers the prompts: not a repeating step shape
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # hidden, tokens, counts
 
-    def _extend(self, st: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP layer over the newly committed pairs; logits and state at each row's newest one."""
-        last = (st.n_new - 1).clamp(min=0)
-        out = self.mtp(st.next_tokens, st.hidden, depth=0, cache=self.cache, start=self.cache.lengths,
+    def _queue(self, st: DecodeState) -> None:
+        """Put the pairs the last step committed behind those still waiting for an extend (row i's
+        real ones are its first counts[i]; the rest is scratch)."""
+        h, t, n = st.hidden, st.next_tokens, st.n_new
+        if self.pending is not None:
+            ph, pt, pn = self.pending
+            at = pn[:, None] + torch.arange(t.shape[1], device=t.device)
+            t = torch.cat([pt, torch.zeros_like(t)], 1).scatter(1, at, t)
+            h = torch.cat([ph, torch.zeros_like(h)], 1).scatter(1, at[:, :, None].expand(-1, -1, h.shape[-1]), h)
+            n = torch.where(st.active_t, pn + n, 0)  # a finished row's cache no longer matters
+        self.pending = (h, t, n)
+
+    def _flush(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP layer over every waiting pair; logits and state at each row's newest one."""
+        hidden, tokens, n = self.pending
+        self.pending = None
+        last = (n - 1).clamp(min=0)
+        out = self.mtp(tokens, hidden, depth=0, cache=self.cache, start=self.cache.lengths,
                        logits_at=last[:, None], step=not self.first)
         self.first = False
-        self.cache.lengths += st.n_new
+        self.cache.lengths += n
         h = out.hidden_states.gather(1, last[:, None, None].expand(-1, 1, out.hidden_states.shape[-1]))
         return out.logits[:, 0], h[:, 0]
 
+    def _extend(self, st: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft extend: the newly committed pairs (and any still waiting) through the MTP layer."""
+        self._queue(st)
+        return self._flush()
+
     @torch.no_grad()
     def propose(self, st, sp):
+        return self._draft(st, sp, self.k)
+
+    def _draft(self, st: DecodeState, sp: SamplingParams, k: int) -> DraftBatch:
         logits, h = self._extend(st)
+        return self._draft_from(logits, h, st, sp, k)
+
+    def _draft_from(self, logits: torch.Tensor, h: torch.Tensor, st: DecodeState, sp: SamplingParams,
+                    k: int) -> DraftBatch:
+        """Draft 1 from the extend's logits, drafts 2..k by chained steps from its state h."""
         state = {"h": h}
 
         def step(j: int, t: torch.Tensor) -> torch.Tensor:
@@ -123,7 +160,93 @@ class MTPProposer(Proposer):
             state["h"] = out.hidden_states[:, 0]
             return out.logits[:, 0]
 
-        return _chain(logits, step, st, sp, self.k, self.sample_drafts)
+        return _chain(logits, step, st, sp, k, self.sample_drafts)
+
+
+class AutoMTPProposer(MTPProposer):
+    """MTP chains whose depth k (0..k_max, one for the whole batch) is chosen before every step: the
+    depth with the highest predicted throughput (decoding/cost.py) from each active row's acceptance
+    so far and the step times. The choice reads past acceptance and timings only, never this step's
+    drafts, so verification stays lossless: greedy output is vanilla's, sampled output has the
+    target's distribution.
+
+    k = 0 is plain decoding: the MTP layer does not run and the committed pairs wait for the next draft
+    extend, which takes them all; after `lag` waiting tokens a k = 0 step extends them anyway, so the
+    extend stays step-sized and the cache bounded. Acceptance per position is kept per row as Beta
+    counts, starting from `prior` (default DEFAULT_PRIOR at every position) or, once this proposer has
+    served requests, from what they accepted. A depth that never runs is never measured again (its
+    acceptance past the current depth, its time), so after `probe_every` steps in a row at one depth,
+    one step runs a neighbouring depth, deeper and shallower in turn.
+    `cost`: a CostModel (e.g. CostModel.load), used as given and refreshed online; None: measured now."""
+
+    def __init__(self, model, k_max: int = 4, cost: CostModel | None = None, prior: Sequence[float] | None = None,
+                 sample_drafts: bool = True, probe_every: int = 16):
+        super().__init__(model, k_max, sample_drafts)
+        prior = [DEFAULT_PRIOR] * k_max if prior is None else list(prior)
+        if not prior or not all(0 <= p <= 1 for p in prior):
+            raise ValueError(f"prior must be acceptance rates in [0, 1], one per position, got {prior}")
+        if probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {probe_every}")
+        self.k_max, self.probe_every, self.lag = k_max, probe_every, 2 * (k_max + 1)
+        self.prior = (prior + [prior[-1]] * k_max)[:k_max]
+        self.record = Acceptance(self.prior)  # every request served so far
+        self.cost = cost if cost is not None else measure(model, (1, 4), range(1, k_max + 2),
+                                                          max_len=min(256, model.max_len))
+        self.depth = 0
+
+    def reset(self, batch: int, max_len: int) -> None:
+        super().reset(batch, max_len)
+        prior = self.record.means() if self.record.observed else self.prior
+        self.rows = [Acceptance(prior) for _ in range(batch)]
+        self.streak = (-1, 0)  # the depth chosen last and for how many steps in a row
+        self.probe_up = False
+        self.ran: tuple[int, int] | None = None  # (k, extend width) of the step in flight; None: untimed
+        self.timed: set[tuple[int, int]] = set()
+
+    def choose(self, st: DecodeState) -> int:
+        """The depth of the next step, from the active rows' acceptance and the cost model."""
+        rows = [r.means() for r, a in zip(self.rows, st.active) if a]
+        k = choose_depth(self.cost, len(st.tokens), rows, self.k_max)
+        last, run = self.streak
+        run = run + 1 if k == last else 1
+        self.streak = (k, run % (self.probe_every + 1))
+        if run <= self.probe_every:
+            return parallel.broadcast_int(k)  # timings differ per rank: rank 0's choice is everyone's
+        # a depth that never runs is never measured again: probe a neighbour, deeper and shallower in turn
+        self.probe_up = not self.probe_up
+        return parallel.broadcast_int(k + 1 if k == 0 or (self.probe_up and k < self.k_max) else k - 1)
+
+    @torch.no_grad()
+    def propose(self, st, sp):
+        k = self.depth = self.choose(st)
+        first = self.first
+        self._queue(st)
+        width = self.pending[1].shape[1]
+        if k:
+            logits, h = self._flush()
+            drafts = self._draft_from(logits, h, st, sp, k)
+        else:
+            drafts = None
+            if width >= self.lag:  # catch up, so the waiting tokens stay step-sized
+                self._flush()
+            else:
+                width = 0
+        self.ran = None if first and not self.first else (k, width)  # the prompts' extend is not a step
+        return drafts
+
+    def observe(self, st, steps, seconds):
+        for row, drafted, accepted in steps:
+            self.rows[row].update(drafted, accepted)
+            self.record.update(drafted, accepted)
+        if self.ran is None:
+            return
+        if self.ran not in self.timed:  # the first run of a shape pays its warm-up
+            self.timed.add(self.ran)
+            return
+        k, width = self.ran
+        b = len(self.rows)
+        mtp = (self.cost.extend(width, b) if width else 0.0) + max(k - 1, 0) * self.cost.draft(b)
+        self.cost.observe_step(k, b, seconds, mtp)
 
 
 class MTPTreeProposer(MTPProposer):
@@ -181,7 +304,7 @@ class NGramProposer(Proposer):
         if not 1 <= n_min <= n_max:
             raise ValueError(f"need 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
         self.k, self.n_max, self.n_min = k, n_max, n_min
-        self.max_nodes = k
+        self.max_nodes = self.depth = k
 
     def propose(self, st, sp):
         return [Drafts.chain(lookup(t, self.k, self.n_max, self.n_min) if a else [])
@@ -212,7 +335,7 @@ class DraftModelProposer(Proposer):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.draft, self.k, self.sample_drafts = draft, k, sample_drafts
-        self.max_nodes = k
+        self.max_nodes = self.depth = k
 
     def reset(self, batch: int, max_len: int) -> None:
         self.cache = self.draft.new_cache(batch, max_len + self.k + 1)
@@ -265,7 +388,7 @@ class OracleProposer(Proposer):
 
         self.refs, self.k, self.vocab, self.wrong, self.rate = references, k, vocab_size, wrong, rate
         self.rng = random.Random(seed)
-        self.max_nodes = k
+        self.max_nodes = self.depth = k
 
     def _draft(self, t: int) -> int:
         right = not self.wrong and (self.rate is None or self.rng.random() < self.rate)

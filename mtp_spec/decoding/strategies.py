@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from mtp_spec.decoding import proposers as P
+from mtp_spec.decoding.cost import CostModel
 
 STRATEGIES = ("vanilla", "mtp", "mtp-tree", "ngram", "draft-model")
+AUTO_K_MAX = 4  # deepest draft chain `k="auto"` considers
 # Not strategies of ours: other implementations an experiment times on the same prompts and weights
 # (transformers' model class for the checkpoint: plain greedy `generate`, and its prompt lookup).
 PEERS = ("transformers", "transformers-lookup")
@@ -23,15 +25,24 @@ def peer_generate(hf, prompt: list[int], max_new: int, eos_id: int | None, looku
     return out[0, x.shape[1]:].tolist()
 
 
-def make_proposer(strategy: str, model, k: int, tree_width: int = 2, draft=None, ngram_max: int = 3,
-                  sample_drafts: bool = True, compile: str = "off") -> P.Proposer:
-    """`draft` is a loaded draft model (a Transformer) or a checkpoint directory for `draft-model`."""
+def make_proposer(strategy: str, model, k: int | str, tree_width: int = 2, draft=None, ngram_max: int = 3,
+                  sample_drafts: bool = True, compile: str = "off", k_max: int = AUTO_K_MAX,
+                  cost: CostModel | None = None) -> P.Proposer:
+    """`draft` is a loaded draft model (a Transformer) or a checkpoint directory for `draft-model`.
+    k="auto" (mtp only): the depth 0..k_max is chosen before every step from acceptance and `cost`
+    (a CostModel; None: measured on the model now)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
     if strategy == "vanilla":
         return P.Proposer()
-    if k < 1:
-        raise ValueError(f"--k must be >= 1, got {k}")
+    if k == "auto":
+        if strategy != "mtp":
+            raise ValueError(f"--k auto works with strategy 'mtp' only, not '{strategy}'")
+        if k_max < 1:
+            raise ValueError(f"k_max must be >= 1, got {k_max}")
+        return P.AutoMTPProposer(model, k_max, cost=cost, sample_drafts=sample_drafts)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"--k must be >= 1 or 'auto', got {k!r}")
     if strategy == "mtp":
         return P.MTPProposer(model, k, sample_drafts=sample_drafts)
     if strategy == "mtp-tree":

@@ -1,10 +1,15 @@
-"""requests.jsonl: one JSON record per line, appended and flushed as each request finishes. A kill
-can cut the last line short; readers drop it and writers repair the tail before appending."""
+"""requests.jsonl (and vanilla_recheck.jsonl): one JSON record per line, appended and flushed as each
+request finishes. A kill can cut the last line short; readers drop it and writers repair the tail
+before appending."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+REQUESTS = "requests.jsonl"
+COSTS = "costs.json"  # the step cost table measured at warm-up (decoding/cost.py), for predicted speedups
+RECHECK = "vanilla_recheck.jsonl"  # vanilla batches measured again at the end of a run (drift check)
 
 
 def read_records(path: Path) -> list[dict]:

@@ -1,14 +1,28 @@
 """`mtp-spec run CONFIG`: a resumable sweep that logs one record per request.
 
 results/<run-id>/
-  config.yaml       the resolved config (a resume must match it)
-  env.json          versions, device, dtype, git commit, which FP8 path ran
-  requests.jsonl    one record per request, appended and flushed as each finishes
-  summary.csv       derived metrics per strategy x k x width x temperature x batch x length x category
+  config.yaml            the resolved config (a resume must match it)
+  env.json               versions, device, dtype, git commit, which FP8 path ran
+  requests.jsonl         one record per request, appended and flushed as each finishes
+  vanilla_recheck.jsonl  vanilla batches measured again at the end of the run (drift check)
+  summary.csv            derived metrics per strategy x k x width x temperature x batch x length x category
+
+How it measures. Cells that share a baseline (temperature, batch size, length, seed, repeat) form a
+group: vanilla and every strategy and peer of that setting. A group runs in rounds, one batch of
+prompts each; in a round every member runs that batch back to back, so a speedup compares runs taken
+seconds apart and a machine that drifts or gets busy over minutes moves both sides alike. The order
+rotates from round to round: every member starts once in each block of n rounds (n members), in a
+seeded shuffled order per block, so no member is always first. Each request records its `round` and
+`round_pos` (its place in the round's order). At the end, the first RECHECK_BATCHES batches of every
+vanilla cell run again; report.py compares them with their first measurement and flags drift beyond
+report.DRIFT_THRESHOLD.
+
 A run killed at any point resumes with `--resume RUN_DIR`: finished requests are skipped, a batch cut
-short is run again and only its missing requests are written, so nothing is lost or duplicated.
+short is run again and only its missing requests are written, so nothing is lost or duplicated. The
+rest of a cut round runs in the round's own order; its vanilla keeps its first measurement.
 At T=0 every request is checked against the vanilla output of the same prompt: a mismatch is a
-lossless violation, shown in the summary and in the exit code.
+lossless violation, shown in the summary and in the exit code. A member that runs before vanilla in
+its round holds its records until vanilla's output is known (a kill there only costs the rerun).
 """
 
 from __future__ import annotations
@@ -17,18 +31,24 @@ import hashlib
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+import mtp_spec.parallel as parallel
 from mtp_spec.experiment import schema
-from mtp_spec.experiment.records import read_records, repair_tail
+from mtp_spec.experiment.records import COSTS, RECHECK, REQUESTS, read_records, repair_tail
 from mtp_spec.experiment.schema import Cell, Experiment
 from mtp_spec.io import atomic_write_text
+
+RECHECK_BATCHES = 3  # per vanilla cell: a few prompts, enough for a median, cheap next to the run
 
 
 def config_hash(exp: Experiment) -> str:
@@ -70,11 +90,19 @@ class Runner:
         self.ids = [self.tok.chat(p["messages"]) if "messages" in p else self.tok.encode(p["prompt"])
                     for p in self.prompts]
         max_new = max(exp.sweep.max_new_tokens)
-        kmax = max((max(s.k) * (max(s.tree_width) if s.name == "mtp-tree" else 1) for s in exp.strategies), default=1)
+        from mtp_spec.decoding.strategies import AUTO_K_MAX
+
+        depth = lambda s: max(AUTO_K_MAX if k == "auto" else k for k in s.k)
+        kmax = max((depth(s) * (max(s.tree_width) if s.name == "mtp-tree" else 1) for s in exp.strategies), default=1)
         self.dtype = dtype_of(exp.dtype)
         max_len = max(len(i) for i in self.ids) + max_new + kmax + 8
         self.model = load(self.model_dir, device=exp.device, dtype=self.dtype, max_len=max_len,
                           mtp_hidden=exp.mtp_hidden, compile=exp.compile)
+        self.heads = None  # draft vocabularies (draft_vocab), each sub-head built on first use
+        if any(n for s in exp.strategies for n in s.draft_vocab):
+            from mtp_spec.draft_vocab import DraftHeads
+
+            self.heads = DraftHeads(self.model, self.model_dir, where=f"{exp.name}: draft_vocab")
         self.draft = None
         if exp.draft_model:
             self.draft = load(schema.resolve_model(exp.draft_model), device=exp.device, dtype=self.dtype,
@@ -84,6 +112,8 @@ class Runner:
         from mtp_spec.decoding.strategies import make_proposer
 
         spec = next((s for s in self.exp.strategies if s.name == cell.strategy), None)
+        if self.heads is not None and cell.strategy in ("mtp", "mtp-tree"):
+            self.heads.use(cell.draft_vocab)  # before the proposer: k=auto measures the draft step it gets
         return make_proposer(cell.strategy, self.model, cell.k, cell.tree_width, self.draft,
                              spec.ngram_max if spec else 3)
 
@@ -143,108 +173,262 @@ class Runner:
                 "token": got[pos] if pos < len(got) else None, "margin": margin, "tie_threshold": eps,
                 "tie": margin <= eps}
 
+    def measure_costs(self):
+        """The cost table (decoding/cost.py) at the run's batch sizes and depths, full draft head:
+        the report predicts each fixed-k MTP cell's speedup from it and the cell's acceptance."""
+        from mtp_spec.decoding.cost import measure
+
+        ks = [k for s in self.exp.strategies if s.name == "mtp" for k in s.k if k != "auto"]
+        if not ks or self.model.mtp is None:
+            return None
+        if self.heads is not None:
+            self.heads.use(0)
+        return measure(self.model, sorted(set(self.exp.sweep.batch_size)), range(1, max(ks) + 2),
+                       max_len=min(256, self.model.max_len))
+
     def warmup(self) -> None:
         seen = set()
         for cell in schema.cells(self.exp):
-            key = (cell.strategy, cell.k, cell.tree_width)
+            key = (cell.strategy, cell.k, cell.tree_width, cell.draft_vocab)
             if key not in seen:
                 seen.add(key)
                 for _ in range(self.exp.warmup):
-                    self.generate(Cell(cell.strategy, cell.k, cell.tree_width, 0.0, 1, 4, 0, 0), [0])
+                    self.generate(Cell(cell.strategy, cell.k, cell.tree_width, 0.0, 1, 4, 0, 0, cell.draft_vocab), [0])
 
 
-def plan(exp: Experiment, n_prompts: int) -> list[tuple[Cell, list[int]]]:
-    """(cell, prompt indices) batches, in run order."""
-    out = []
+@dataclass(frozen=True)
+class Round:
+    """One batch of prompts under every cell of a group, run back to back in `cells` order."""
+
+    index: int  # the round's number within its group
+    cells: tuple[Cell, ...]
+    idx: tuple[int, ...]
+
+
+def groups(exp: Experiment) -> list[list[Cell]]:
+    """Cells that share a baseline (vanilla first), in sweep order."""
+    out: dict[Cell, list[Cell]] = {}
     for cell in schema.cells(exp):
-        for lo in range(0, n_prompts, cell.batch_size):
-            out.append((cell, list(range(lo, min(lo + cell.batch_size, n_prompts)))))
+        out.setdefault(cell.baseline(), []).append(cell)
+    return list(out.values())
+
+
+def starts(n_members: int, n_rounds: int, seed: int) -> list[int]:
+    """Which member starts each round: each member once in every block of n_members rounds, the
+    blocks shuffled with a fixed seed. Plain j mod n would line up with a period in the prompts
+    (categories sampled round-robin), e.g. vanilla always first on one of two categories."""
+    rng = random.Random(seed)
+    out: list[int] = []
+    while len(out) < n_rounds:
+        block = list(range(n_members))
+        rng.shuffle(block)
+        out += block
+    return out[:n_rounds]
+
+
+def plan(exp: Experiment, n_prompts: int) -> list[Round]:
+    """Rounds in run order: each group's batches in turn, each round's members rotated (`starts`)."""
+    out = []
+    for g, members in enumerate(groups(exp)):
+        b = members[0].batch_size
+        los = range(0, n_prompts, b)
+        for j, (lo, r) in enumerate(zip(los, starts(len(members), len(los), seed=g))):
+            out.append(Round(j, tuple(members[r:] + members[:r]), tuple(range(lo, min(lo + b, n_prompts)))))
     return out
+
+
+def recheck_plan(exp: Experiment, n_prompts: int) -> list[tuple[Cell, list[int]]]:
+    """Vanilla batches to measure again at the end: each vanilla cell's first few, the earliest it ran."""
+    return [(r.cells[0].baseline(), list(r.idx)) for r in plan(exp, n_prompts) if r.index < RECHECK_BATCHES]
+
+
+class Log:
+    """Appends records to requests.jsonl as they finish, checking each against vanilla's output."""
+
+    def __init__(self, fh, runner: Runner, records: list[dict], bar):
+        self.fh, self.runner, self.bar = fh, runner, bar
+        self.done = {(r["cell"], r["prompt_id"]) for r in records}
+        self.vanilla = {(r["cell"], r["prompt_id"]): r["token_ids"] for r in records if r["strategy"] == "vanilla"}
+        self.accepted = self.drafts = 0
+
+    def missing(self, cell: Cell, idx: tuple[int, ...]) -> bool:
+        return any((cell.key(), self.runner.prompts[i]["id"]) not in self.done for i in idx)
+
+    def round(self, rnd: Round) -> None:
+        held = []  # records waiting for this round's vanilla output
+        for pos, cell in enumerate(rnd.cells):
+            if not self.missing(cell, rnd.idx):
+                continue
+            res, wall = self.runner.generate(cell, list(rnd.idx))
+            batch_tokens = sum(len(r.token_ids) for r in res)
+            for i, r in zip(rnd.idx, res):
+                p = self.runner.prompts[i]
+                if (cell.key(), p["id"]) in self.done:
+                    continue
+                rec = {**_record(cell, p, r, wall, batch_tokens, self.runner), "round": rnd.index, "round_pos": pos}
+                if cell.strategy == "vanilla":
+                    self.vanilla[(cell.key(), p["id"])] = r.token_ids
+                    self.write(cell, i, rec)
+                elif cell.temperature == 0 and (cell.baseline().key(), p["id"]) not in self.vanilla:
+                    held.append((cell, i, rec))
+                else:
+                    self.write(cell, i, rec)
+            if cell.strategy == "vanilla":
+                held = self.flush(held)
+            self.bar.set_postfix(AL=f"{1 + self.accepted / self.drafts:.2f}" if self.drafts else "-")
+        self.flush(held)  # every round has vanilla, so nothing is left here; kept so that nothing is dropped
+
+    def flush(self, held: list) -> list:
+        for args in held:
+            self.write(*args)
+        return []
+
+    def write(self, cell: Cell, i: int, rec: dict) -> None:
+        ref = self.vanilla.get((cell.baseline().key(), rec["prompt_id"]))
+        got = rec["token_ids"]
+        if cell.strategy in schema.PEERS:  # another implementation: not a lossless check
+            rec["same_as_vanilla"] = None if ref is None else got == ref
+        elif cell.strategy != "vanilla" and cell.temperature == 0 and ref is not None:
+            rec["lossless"] = got == ref
+            if not rec["lossless"]:
+                rec["divergence"] = self.runner.divergence(self.runner.ids[i], ref, got)
+                rec["lossless"] = "tie" if rec["divergence"]["tie"] else False
+        _append(self.fh, rec)
+        self.done.add((rec["cell"], rec["prompt_id"]))
+        self.accepted += rec["num_accepted_tokens"]
+        self.drafts += rec["num_drafts"]
+        self.bar.update(1)
+
+
+def _append(fh, rec: dict) -> None:
+    if fh is None:  # ranks > 0 write nothing
+        return
+    fh.write(json.dumps(rec) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def recheck(runner: Runner, path: Path | None, vanilla: dict, done: set) -> None:
+    """Run the recheck plan's missing batches (`done`: the (cell, prompt) pairs already in `path`); each
+    request's line holds the new batch throughput. path None: run them, write nothing (ranks > 0)."""
+    with open(path, "a") if path else nullcontext() as fh:
+        for cell, idx in recheck_plan(runner.exp, len(runner.prompts)):
+            ids = [runner.prompts[i]["id"] for i in idx]
+            if all((cell.key(), p) in done for p in ids):
+                continue
+            res, wall = runner.generate(cell, idx)
+            tps = sum(len(r.token_ids) for r in res) / wall if wall > 0 else 0.0
+            for p, r in zip(ids, res):
+                if (cell.key(), p) not in done and fh:
+                    _append(fh, {"cell": cell.key(), "prompt_id": p, "batch_wall_s": wall, "batch_tokens_per_s": tps,
+                                 "same_tokens": r.token_ids == vanilla.get((cell.key(), p))})
+
+
+def _on_main(fn):
+    """fn() on rank 0 only, its result (or its error) on every rank: under torchrun rank 0 alone reads
+    and writes the run directory, and every rank must take the same path through the run."""
+    out = err = None
+    if parallel.is_main():
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 (re-raised on every rank below)
+            err = e
+    out, err = parallel.broadcast_object((out, err))
+    if err is not None:
+        err.all_ranks = True  # the CLI reports it once, from rank 0
+        raise err
+    return out
+
+
+def _check_resume(exp: Experiment, run_dir: Path) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise schema.ExperimentConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    old = yaml.safe_load(saved.read_text())
+    if old.get("config_hash") != config_hash(exp):
+        raise schema.ExperimentConfigError(
+            f"{run_dir}: refusing to resume with a different config than {saved} (hash {old.get('config_hash')}"
+            f" != {config_hash(exp)})")
+    env = run_dir / "env.json"
+    size = json.loads(env.read_text()).get("world_size", 1) if env.exists() else 1
+    if size != parallel.world().size:  # timings from two world sizes would mix in one table
+        raise schema.ExperimentConfigError(f"{run_dir}: started at world size {size}; resume it at the same size "
+                                           f"(torchrun --nproc-per-node ...), not {parallel.world().size}")
+
+
+def _open_run(exp: Experiment, run_dir: Path, resume: bool, weights: str) -> tuple[list[dict], set, bool]:
+    """Create or reopen the run directory; the records so far, the (cell, prompt) pairs rechecked and
+    whether the cost table was measured."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"config_hash": config_hash(exp), **exp.to_dict()},
+                                                                  sort_keys=False))
+        env = {**environment(exp, weights), "world_size": parallel.world().size}
+        atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
+    repair_tail(run_dir / REQUESTS)
+    repair_tail(run_dir / RECHECK)
+    rechecked = {(r["cell"], r["prompt_id"]) for r in read_records(run_dir / RECHECK)}
+    return read_records(run_dir / REQUESTS), rechecked, (run_dir / COSTS).exists()
 
 
 def run(config: str | Path, out: str | Path = "results", resume: str | Path | None = None,
         dry_run: bool = False, progress: bool = True) -> Path | None:
+    """Run (or resume) an experiment. Under torchrun every rank runs every request in the same order
+    (the model is split across them); rank 0 alone reads and writes the run directory."""
     from tqdm import tqdm
 
-    from mtp_spec.experiment.report import write_summary
+    from mtp_spec.experiment.report import DRIFT_THRESHOLD, write_summary
     from mtp_spec.loader import weights_path
 
     exp = schema.load(config)
     if resume:
         run_dir = Path(resume)
-        saved = run_dir / "config.yaml"
-        if not saved.exists():
-            raise schema.ExperimentConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-        old = yaml.safe_load(saved.read_text())
-        if old.get("config_hash") != config_hash(exp):
-            raise schema.ExperimentConfigError(
-                f"{run_dir}: refusing to resume with a different config than {saved} (hash {old.get('config_hash')}"
-                f" != {config_hash(exp)})")
-    else:
-        run_dir = Path(out) / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _on_main(lambda: _check_resume(exp, run_dir))
+    else:  # rank 0's clock names the directory
+        run_dir = _on_main(lambda: Path(out) / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if dry_run:
-        n = sum(min(exp.prompts_per_suite or 10**9, len(schema.load_prompts(schema.resolve_suite(s))))
-                for s in exp.suites)
-        batches = plan(exp, n)
+        n = sum(len(schema.load_prompts(schema.resolve_suite(s), exp.prompts_per_suite)) for s in exp.suites)
+        rounds = plan(exp, n)
         print(f"{exp.name}: {len(schema.cells(exp))} cells x {n} prompts = "
-              f"{sum(len(b) for _, b in batches)} requests in {len(batches)} batches -> {run_dir}")
+              f"{sum(len(r.cells) * len(r.idx) for r in rounds)} requests in {sum(len(r.cells) for r in rounds)} "
+              f"batches ({len(rounds)} interleaved rounds, {len(recheck_plan(exp, n))} vanilla rechecks) -> {run_dir}")
         return None
     runner = Runner(exp)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump({"config_hash": config_hash(exp), **exp.to_dict()},
-                                                            sort_keys=False))
-        (run_dir / "env.json").write_text(json.dumps(environment(exp, weights_path(runner.model)), indent=2))
-    req_path = run_dir / "requests.jsonl"
-    repair_tail(req_path)
-    records = read_records(req_path)
-    done = {(r["cell"], r["prompt_id"]) for r in records}
-    vanilla = {(Cell(**r["cell_fields"]).key(), r["prompt_id"]): r["token_ids"] for r in records
-               if r["strategy"] == "vanilla"}
-    batches = plan(exp, len(runner.prompts))
-    todo = [(c, idx) for c, idx in batches if any((c.key(), runner.prompts[i]["id"]) not in done for i in idx)]
-    total = sum(len(idx) for _, idx in batches)
-    if todo:
-        runner.warmup()
-    bar = tqdm(total=total, initial=total - sum(len(i) for _, i in todo), disable=not progress, desc=exp.name,
-               dynamic_ncols=True)
-    accepted = drafts = 0
-    with open(req_path, "a") as fh:
-        for cell, idx in todo:
-            res, wall = runner.generate(cell, idx)
-            batch_tokens = sum(len(r.token_ids) for r in res)
-            for i, r in zip(idx, res):
-                p = runner.prompts[i]
-                if (cell.key(), p["id"]) in done:
-                    continue
-                rec = _record(cell, p, r, wall, batch_tokens, runner)
-                ref = vanilla.get((cell.baseline().key(), p["id"]))
-                if cell.strategy == "vanilla":
-                    vanilla[(cell.key(), p["id"])] = r.token_ids
-                elif cell.strategy in schema.PEERS:  # another implementation: not a lossless check
-                    rec["same_as_vanilla"] = None if ref is None else r.token_ids == ref
-                elif cell.temperature == 0 and ref is not None:
-                    rec["lossless"] = r.token_ids == ref
-                    if not rec["lossless"]:
-                        rec["divergence"] = runner.divergence(runner.ids[i], ref, r.token_ids)
-                        rec["lossless"] = "tie" if rec["divergence"]["tie"] else False
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                accepted += r.metrics.num_accepted_tokens
-                drafts += r.metrics.num_drafts
-                bar.update(1)
-            bar.set_postfix(AL=f"{1 + accepted / drafts:.2f}" if drafts else "-")
+    main = parallel.is_main()
+    records, rechecked, has_costs = _on_main(lambda: _open_run(exp, run_dir, bool(resume), weights_path(runner.model)))
+    req_path = run_dir / REQUESTS
+    rounds = plan(exp, len(runner.prompts))
+    total = sum(len(r.cells) * len(r.idx) for r in rounds)
+    bar = tqdm(total=total, initial=len(records), disable=not progress or not main, desc=exp.name, dynamic_ncols=True)
+    with open(req_path, "a") if main else nullcontext() as fh:
+        log = Log(fh, runner, records, bar)
+        todo = [r for r in rounds if any(log.missing(c, r.idx) for c in r.cells)]
+        if todo or any((c.key(), runner.prompts[i]["id"]) not in rechecked
+                       for c, idx in recheck_plan(exp, len(runner.prompts)) for i in idx):
+            runner.warmup()
+            cost = None if has_costs else runner.measure_costs()  # every rank: the forwards are collective
+            if cost is not None and main:
+                cost.save(run_dir / COSTS)
+        for rnd in todo:
+            log.round(rnd)
     bar.close()
+    recheck(runner, run_dir / RECHECK if main else None, log.vanilla, rechecked)
+    if not main:
+        return run_dir
     env_file = run_dir / "env.json"
     if env_file.exists():  # how the step path ran, compile time included, for the report
         env = json.loads(env_file.read_text())
         env["steps"] = runner.model.steps.summary()
         atomic_write_text(env_file, json.dumps(env, indent=2))
-    violations = write_summary(run_dir)
+    s = write_summary(run_dir)
+    violations = int(s["lossless_violations"].sum())
     if violations:
         print(f"LOSSLESS CHECK FAILED: {violations} request(s) differ from vanilla at T=0 (see {run_dir}/summary.csv)",
               file=sys.stderr)
+    for drift in s.loc[s["drift_flag"], "vanilla_drift"].unique():
+        print(f"VANILLA DRIFT: vanilla measured again at the end of the run is {drift:+.1%} off its first "
+              f"measurement (threshold {DRIFT_THRESHOLD:.0%}): the machine changed speed during the run; "
+              f"prefer the per-prompt median speedups (see {run_dir}/summary.csv)", file=sys.stderr)
     return run_dir
 
 
@@ -252,7 +436,8 @@ def _record(cell: Cell, prompt: dict, r, wall: float, batch_tokens: int, runner:
     m = r.metrics
     return {
         "cell": cell.key(), "cell_fields": cell.__dict__, "prompt_id": prompt["id"], "category": prompt["category"],
-        "strategy": cell.strategy, "k": cell.k, "tree_width": cell.tree_width, "temperature": cell.temperature,
+        "strategy": cell.strategy, "k": cell.k, "tree_width": cell.tree_width, "draft_vocab": cell.draft_vocab,
+        "temperature": cell.temperature,
         "batch_size": cell.batch_size, "max_new_tokens": cell.max_new_tokens, "seed": cell.seed,
         "repeat": cell.repeat, "prompt_len": len(runner.ids[runner.prompts.index(prompt)]),
         "token_ids": r.token_ids, "finish_reason": r.finish_reason, "num_generated": m.num_generated,

@@ -6,7 +6,7 @@
     suites: [code, prose]              # shipped suite names, or JSONL paths (ours or Spec-Bench's)
     prompts_per_suite: 20
     strategies:
-      - {name: mtp, k: [1, 2, 3, 4]}
+      - {name: mtp, k: [1, 2, 3, 4, auto], draft_vocab: [full, 1024]}
       - {name: mtp-tree, k: [3], tree_width: [2, 3]}
       - {name: ngram, k: [3], ngram_max: 3}
     sweep: {temperature: [0.0], top_p: 1.0, top_k: 0, batch_size: [1], max_new_tokens: [64],
@@ -15,8 +15,11 @@
     dtype: float32
     warmup: 1
 
-Every list is an axis; the run covers their cartesian product. The vanilla baseline is always run on
-the same prompts. Unknown keys, wrong types and missing files are errors that name them.
+`k: auto` (mtp only) picks the depth before every step; `draft_vocab: N` makes the MTP layer draft
+from the N most frequent tokens (FR-Spec; `full` or 0: the whole head), counted in the model's
+`token_counts.json`. Every list is an axis; the run covers their cartesian product. The vanilla
+baseline is always run on the same prompts. Unknown keys, wrong types and missing files are errors
+that name them.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ class ExperimentConfigError(ValueError):
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    k: list[int] = field(default_factory=lambda: [3])
+    k: list[int | str] = field(default_factory=lambda: [3])  # "auto": chosen per step (mtp)
     tree_width: list[int] = field(default_factory=lambda: [2])
     ngram_max: int = 3
+    draft_vocab: list[int] = field(default_factory=lambda: [0])  # 0: the full head
 
 
 @dataclass(frozen=True)
@@ -84,16 +88,18 @@ class Cell:
     """One point of the sweep: a strategy setting under one sampling/batch/length/seed/repeat setting."""
 
     strategy: str
-    k: int
+    k: int | str  # "auto": chosen per step
     tree_width: int
     temperature: float
     batch_size: int
     max_new_tokens: int
     seed: int
     repeat: int
+    draft_vocab: int = 0  # the MTP layer drafts from this many most frequent tokens; 0: the full head
 
     def key(self) -> str:
-        return (f"{self.strategy}|k{self.k}|w{self.tree_width}|T{self.temperature}|b{self.batch_size}|"
+        vocab = f"|v{self.draft_vocab}" if self.draft_vocab else ""  # full-head keys as before: old runs resume
+        return (f"{self.strategy}|k{self.k}|w{self.tree_width}{vocab}|T{self.temperature}|b{self.batch_size}|"
                 f"n{self.max_new_tokens}|s{self.seed}|r{self.repeat}")
 
     def baseline(self) -> Cell:
@@ -126,6 +132,57 @@ def _check_keys(d, allowed: set, where: str) -> None:
         raise ExperimentConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
+def _depths(value, strategy: str, where: str) -> list[int | str]:
+    """Draft depths: whole numbers >= 1, or `auto` (mtp: the depth is chosen before every step)."""
+    out = []
+    for i, k in enumerate(value if isinstance(value, list) else [value]):
+        if k == "auto":
+            if strategy != "mtp":
+                raise ExperimentConfigError(f"{where}: k auto works with strategy mtp only, not {strategy}")
+            out.append("auto")
+        elif _typed(k, int, f"{where}[{i}]") < 1:
+            raise ExperimentConfigError(f"{where}: every k must be >= 1 or auto, got {k}")
+        else:
+            out.append(k)
+    if not out:
+        raise ExperimentConfigError(f"{where}: must not be empty")
+    return out
+
+
+def _draft_vocabs(value, strategy: str, where: str) -> list[int]:
+    """Draft vocabulary sizes: whole numbers >= 1, or `full` / 0 / null for the whole head."""
+    out = []
+    for i, n in enumerate(value if isinstance(value, list) else [value]):
+        n = 0 if n in ("full", None) else _typed(n, int, f"{where}[{i}]")
+        if n < 0:
+            raise ExperimentConfigError(f"{where}: a draft vocabulary size must be >= 1 (or full), got {n}")
+        out.append(n)
+    if not out:
+        raise ExperimentConfigError(f"{where}: must not be empty")
+    if any(out) and strategy not in ("mtp", "mtp-tree"):
+        raise ExperimentConfigError(f"{where}: applies to strategies that draft with the MTP layer (mtp, "
+                                    f"mtp-tree), not {strategy}")
+    return out
+
+
+def _check_draft_vocabs(exp: Experiment, source: str) -> None:
+    """Sizes within the model's vocabulary, and the token frequencies they are drawn from present."""
+    sizes = {n for s in exp.strategies for n in s.draft_vocab if n}
+    if not sizes:
+        return
+    from mtp_spec.draft_vocab import counts_file
+    from mtp_spec.loader import model_args
+
+    path = resolve_model(exp.model, f"{source}: model")
+    vocab = model_args(path).vocab_size
+    if max(sizes) > vocab:
+        raise ExperimentConfigError(f"{source}: strategies.draft_vocab: {max(sizes)} is more than the model's "
+                                    f"vocab_size {vocab}")
+    if not counts_file(path).is_file():
+        raise ExperimentConfigError(f"{source}: strategies.draft_vocab needs token frequencies: {counts_file(path)} "
+                                    f"does not exist (write it with `mtp-spec count-tokens --model {path}`)")
+
+
 def parse(raw: dict, source: str = "config") -> Experiment:
     top = {"name", "model", "draft_model", "suites", "prompts_per_suite", "strategies", "sweep", "device",
            "dtype", "warmup", "mtp_hidden", "compile", "peers"}
@@ -137,14 +194,13 @@ def parse(raw: dict, source: str = "config") -> Experiment:
     strategies = []
     for i, s in enumerate(raw["strategies"]):
         where = f"{source}: strategies[{i}]"
-        _check_keys(s, {"name", "k", "tree_width", "ngram_max"}, where)
+        _check_keys(s, {"name", "k", "tree_width", "ngram_max", "draft_vocab"}, where)
         if s.get("name") not in STRATEGIES:
             raise ExperimentConfigError(f"{where}.name: {s.get('name')!r} is not one of {list(STRATEGIES)}")
-        ks = _list(s.get("k", 3), int, f"{where}.k")
-        if any(k < 1 for k in ks):
-            raise ExperimentConfigError(f"{where}.k: every k must be >= 1")
+        ks = _depths(s.get("k", 3), s["name"], f"{where}.k")
         strategies.append(Strategy(s["name"], ks, _list(s.get("tree_width", 2), int, f"{where}.tree_width"),
-                                   _typed(s.get("ngram_max", 3), int, f"{where}.ngram_max")))
+                                   _typed(s.get("ngram_max", 3), int, f"{where}.ngram_max"),
+                                   _draft_vocabs(s.get("draft_vocab", 0), s["name"], f"{where}.draft_vocab")))
     sw = raw.get("sweep", {}) or {}
     where = f"{source}: sweep"
     _check_keys(sw, {"temperature", "top_p", "top_k", "batch_size", "max_new_tokens", "seeds", "repeats"}, where)
@@ -183,6 +239,7 @@ def parse(raw: dict, source: str = "config") -> Experiment:
         resolve_model(exp.draft_model, f"{source}: draft_model")
     for s in exp.suites:
         resolve_suite(s, f"{source}: suites")
+    _check_draft_vocabs(exp, source)
     return exp
 
 
@@ -217,7 +274,8 @@ def resolve_suite(name: str, where: str = "suites") -> Path:
 
 def load_prompts(path: Path, limit: int = 0) -> list[dict]:
     """Our suite format ({"id", "category", "prompt" | "messages"}) or Spec-Bench's question.jsonl
-    ({"question_id", "category", "turns": [...]}, first turn as a user message)."""
+    ({"question_id", "category", "turns": [...]}, first turn as a user message). A `limit` samples
+    that many rows evenly across categories (`sample_by_category`)."""
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -234,11 +292,25 @@ def load_prompts(path: Path, limit: int = 0) -> list[dict]:
                 {"prompt": r["prompt"]} if "prompt" in r else {"messages": r["messages"]})})
         else:
             raise ExperimentConfigError(f"{path}:{n}: needs 'prompt', 'messages' or 'turns'")
-    return rows[:limit] if limit else rows
+    return sample_by_category(rows, limit) if limit else rows
+
+
+def sample_by_category(rows: list[dict], limit: int) -> list[dict]:
+    """The first `limit` rows of a round-robin over categories in file order (first row of each
+    category, then the second, ...), so that a Spec-Bench file's 13 categories are all sampled
+    evenly rather than the first N lines of its first category. One category: the first N lines."""
+    by_cat: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    out = []
+    for i in range(max(map(len, by_cat.values()), default=0)):
+        out += [group[i] for group in by_cat.values() if i < len(group)]
+    return out[:limit]
 
 
 def cells(exp: Experiment) -> list[Cell]:
-    """The sweep, vanilla baselines first so that lossless checks can compare against them."""
+    """The sweep's cells, vanilla first in each setting. The runner groups them by `Cell.baseline()`
+    and runs each group's cells prompt by prompt in rotating order (runner.plan)."""
     sw = exp.sweep
     base = list(itertools.product(sw.temperature, sw.batch_size, sw.max_new_tokens, sw.seeds, range(sw.repeats)))
     out = [Cell("vanilla", 0, 0, *b) for b in base]
@@ -246,7 +318,7 @@ def cells(exp: Experiment) -> list[Cell]:
         if s.name == "vanilla":
             continue
         widths = s.tree_width if s.name == "mtp-tree" else [0]
-        for k, w, b in itertools.product(s.k, widths, base):
-            out.append(Cell(s.name, k, w, *b))
+        for k, w, v, b in itertools.product(s.k, widths, s.draft_vocab, base):
+            out.append(Cell(s.name, k, w, *b, draft_vocab=v))
     out += [Cell(p, 0, 0, *b) for p in exp.peers for b in base if b[0] == 0.0]
     return out

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import mtp_spec.parallel as parallel
 from mtp_spec.cache import KVCache
 from mtp_spec.config import ModelArgs
 from mtp_spec.kernels import cpu_linear
-from mtp_spec.model.layers import Linear, RMSNorm, Rotary, softmax_scale
+from mtp_spec.model.layers import ColumnParallelLinear, Linear, RMSNorm, Rotary, RowParallelLinear, softmax_scale
 
 
 @dataclass
@@ -92,22 +93,27 @@ def cache_widths(args: ModelArgs) -> dict[str, int]:
 
 
 class MLA(nn.Module):
+    """Under tensor parallelism each rank runs n_heads / world of the heads (wq_b, wkv_b split by
+    heads, wo by its input); the latent projections and the latent cache are the same on every rank."""
+
     def __init__(self, args: ModelArgs, rotary: Rotary):
         super().__init__()
-        self.n_heads = args.n_heads
+        w = parallel.world()
+        w.part(args.n_heads, "num_attention_heads")  # refuses an uneven split by name
+        self.n_heads = args.n_heads // w.size  # this rank's heads
         self.q_lora_rank, self.kv_lora_rank = args.q_lora_rank, args.kv_lora_rank
         self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
-        qk = args.qk_head_dim
+        qk, heads = args.qk_head_dim, args.n_heads
         if self.q_lora_rank == 0:
-            self.wq = Linear(args.dim, self.n_heads * qk)
+            self.wq = ColumnParallelLinear(args.dim, heads * qk)
         else:
             self.wq_a = Linear(args.dim, self.q_lora_rank)
             self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps)
-            self.wq_b = Linear(self.q_lora_rank, self.n_heads * qk)
+            self.wq_b = ColumnParallelLinear(self.q_lora_rank, heads * qk)
         self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.rope)
         self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
-        self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim))
-        self.wo = Linear(self.n_heads * self.v_dim, args.dim)
+        self.wkv_b = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope + self.v_dim))
+        self.wo = RowParallelLinear(heads * self.v_dim, args.dim)
         self.softmax_scale = softmax_scale(args)
         self.rotary = [rotary]  # a list keeps the shared table out of this module's state
         self.fused: list[Linear] = []  # wq_a and wkv_a as one projection, set at load (outside the state dict)

@@ -18,7 +18,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = MLA(args, rotary)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
+        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim, parallel=True)
 
     def forward(self, x: torch.Tensor, step: Step, kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """kv: this layer's cache tensors (latent, roped key), or None without a cache."""

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mtp_spec.parallel as parallel
 from mtp_spec.config import ModelArgs, yarn_mscale
 from mtp_spec.kernels import FP8, cpu_linear
 
@@ -44,6 +45,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.scale: torch.Tensor | None = None  # set by the loader when the weight is kept in fp8
         self.small_m = False  # set by compile_steps(): few-row CPU products go to kernels/cpu_linear
+        self.shard: tuple[int, int, int] | None = None  # (dim, start, end) of the checkpoint tensor this rank holds
 
     @classmethod
     def concat(cls, parts: list[Linear]) -> Linear | None:
@@ -87,6 +89,56 @@ class Linear(nn.Module):
         if x.dtype != self.weight.dtype:  # bf16 weights, fp32 activations (the CPU): the same math, upcast
             return F.linear(x, self.weight.to(x.dtype))
         return F.linear(x, self.weight)
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split across ranks; each rank returns its slice (`gather`: all of them)."""
+
+    def __init__(self, in_features: int, out_features: int, what: str = "out_features", gather: bool = False):
+        w = parallel.world()
+        start, end = w.part(out_features, what)
+        super().__init__(in_features, end - start)
+        self.shard = (0, start, end) if w.size > 1 else None
+        self.gather = gather
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return parallel.all_gather_last(y) if self.gather else y
+
+
+class RowParallelLinear(Linear):
+    """Input features split across ranks; the partial products are summed by one all-reduce (`reduce`
+    False leaves that to the caller, who folds several partial sums into one)."""
+
+    def __init__(self, in_features: int, out_features: int, what: str = "in_features", reduce: bool = True):
+        w = parallel.world()
+        start, end = w.part(in_features, what)
+        super().__init__(end - start, out_features)
+        self.shard = (1, start, end) if w.size > 1 else None
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return parallel.all_reduce(y) if self.reduce else y
+
+
+class ParallelEmbedding(nn.Embedding):
+    """Vocabulary rows split across ranks: a rank looks up the tokens in its range, zeros elsewhere,
+    and one all-reduce puts every row together (exact: one non-zero term per entry)."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        w = parallel.world()
+        self.start, end = w.part(vocab_size, "vocab_size")
+        super().__init__(end - self.start, dim)
+        self.shard = (0, self.start, end) if w.size > 1 else None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return super().forward(tokens)
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        y = super().forward(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0)
+        return parallel.all_reduce(y)
 
 
 def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:

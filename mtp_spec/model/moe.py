@@ -6,19 +6,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mtp_spec.parallel as parallel
 from mtp_spec.config import ModelArgs
 from mtp_spec.kernels import FP8, act_quant, backend, cpu_linear, grouped_fp8_gemm
-from mtp_spec.model.layers import Linear
+from mtp_spec.model.layers import ColumnParallelLinear, Linear, RowParallelLinear
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). Used for dense layers, each expert and the shared experts."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). Used for dense layers, each expert and the shared experts.
 
-    def __init__(self, dim: int, inter_dim: int):
+    `parallel`: the hidden features are split across ranks (w1, w3 by rows, w2 by columns) and w2's
+    partial sums are all-reduced, unless `reduce` is False (MoE folds them into its own all-reduce).
+    Routed experts are never split: whole experts are partitioned among ranks instead."""
+
+    def __init__(self, dim: int, inter_dim: int, parallel: bool = False, reduce: bool = True):
         super().__init__()
-        self.w1 = Linear(dim, inter_dim)
-        self.w2 = Linear(inter_dim, dim)
-        self.w3 = Linear(dim, inter_dim)
+        if parallel:
+            self.w1 = ColumnParallelLinear(dim, inter_dim, "intermediate_size")
+            self.w2 = RowParallelLinear(inter_dim, dim, "intermediate_size", reduce=reduce)
+            self.w3 = ColumnParallelLinear(dim, inter_dim, "intermediate_size")
+        else:
+            self.w1 = Linear(dim, inter_dim)
+            self.w2 = Linear(inter_dim, dim)
+            self.w3 = Linear(dim, inter_dim)
         self.fused: list[Linear] = []  # w1 and w3 as one projection, set at load (outside the state dict)
 
     def fuse(self) -> None:
@@ -103,23 +113,43 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Gate(args)
         self.topk = args.n_activated_experts
-        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
-        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+        w = parallel.world()
+        # expert parallelism: this rank holds experts [start, end); the others are None (their tensors
+        # are never read), so parameter names keep the global expert index
+        self.start, self.end = w.part(args.n_routed_experts, "n_routed_experts")
+        self.n_experts = args.n_routed_experts
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) if self.start <= i < self.end else None
+                                     for i in range(args.n_routed_experts))
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, parallel=True, reduce=False)
                                if args.n_shared_experts else None)
         self.stacked: dict[str, torch.Tensor] | None = None
         self.dense = args.n_routed_experts <= 4 * self.topk  # few experts: run them all (see _dense)
         self.small_m = False  # set by compile_steps(): the dense path's products use the CPU kernel
 
+    @property
+    def local_experts(self) -> list[MLP]:
+        """The experts this rank holds, in index order (all of them in a single process)."""
+        return self.experts[self.start:self.end]
+
+    def _local(self, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing onto this rank's experts: other ranks' choices weigh zero (shapes stay fixed; the
+        rows they add to a local expert cost compute, not correctness)."""
+        if self.end - self.start == self.n_experts:
+            return weights, idx
+        local = idx - self.start
+        mine = (local >= 0) & (local < self.end - self.start)
+        return weights * mine, local.clamp(0, self.end - self.start - 1)
+
     def stack(self) -> None:
         """At load: stack every expert's w1|w3 into (E, 2I, D) and w2, transposed, into (E, I, D); the
         experts keep their weights as views, so nothing is stored twice. FP8 weights use `pack_fp8`."""
-        w1 = [e.w1.weight for e in self.experts]
+        w1 = [e.w1.weight for e in self.local_experts]
         if any(w.dtype == FP8 for w in w1):
             return
         inter = w1[0].shape[0]
-        w13 = torch.stack([torch.cat([e.w1.weight.data, e.w3.weight.data]) for e in self.experts])
-        w2t = torch.stack([e.w2.weight.data.T for e in self.experts])
-        for i, e in enumerate(self.experts):
+        w13 = torch.stack([torch.cat([e.w1.weight.data, e.w3.weight.data]) for e in self.local_experts])
+        w2t = torch.stack([e.w2.weight.data.T for e in self.local_experts])
+        for i, e in enumerate(self.local_experts):
             e.w1.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
             e.w3.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
             e.w2.weight = nn.Parameter(w2t[i].T, requires_grad=False)
@@ -135,17 +165,17 @@ class MoE(nn.Module):
         w1 and w3 side by side as one (E, 2I, K) weight when I is whole 128-blocks (one GEMM for both)."""
         self.packed = None
         for name in ("w1", "w2", "w3"):
-            lins = [getattr(e, name) for e in self.experts]
+            lins = [getattr(e, name) for e in self.local_experts]
             if any(lin.weight.dtype != FP8 for lin in lins):
                 return False
-        inter = self.experts[0].w1.weight.shape[0]
+        inter = self.local_experts[0].w1.weight.shape[0]
         groups = [("w13", ("w1", "w3")), ("w2", ("w2",))] if inter % 128 == 0 else \
             [("w1", ("w1",)), ("w3", ("w3",)), ("w2", ("w2",))]
         packed = {}
         for key, names in groups:
-            w = torch.stack([torch.cat([getattr(e, n).weight.data for n in names]) for e in self.experts])
-            s = torch.stack([torch.cat([getattr(e, n).scale for n in names]) for e in self.experts])
-            for i, e in enumerate(self.experts):
+            w = torch.stack([torch.cat([getattr(e, n).weight.data for n in names]) for e in self.local_experts])
+            s = torch.stack([torch.cat([getattr(e, n).scale for n in names]) for e in self.local_experts])
+            for i, e in enumerate(self.local_experts):
                 for j, n in enumerate(names):
                     lin = getattr(e, n)
                     rows, srows = lin.weight.shape[0], lin.scale.shape[0]
@@ -162,7 +192,7 @@ class MoE(nn.Module):
         t, k = idx.shape
         tok = torch.arange(t, device=x.device).repeat_interleave(k)
         e = idx.flatten()
-        routing = route(e, len(self.experts))
+        routing = route(e, len(self.local_experts))
         xq, xs = act_quant(x.contiguous())
         a, a_s = xq.view(torch.uint8)[tok].view(FP8), xs[tok].contiguous()  # gather bytes: fp8 indexing is patchy
         if "w13" in self.packed:
@@ -180,16 +210,16 @@ class MoE(nn.Module):
         weights, idx = self.gate(x)
         packed = getattr(self, "packed", None)
         if packed and backend(x) == "triton" and x.shape[-1] % 128 == 0 and packed["w2"][0].shape[-1] % 128 == 0:
-            y = self._grouped(x, weights, idx)
+            y = self._grouped(x, *self._local(weights, idx))
         elif self.stacked is not None and self.dense:
             y = self._dense(x, weights, idx)
         elif self.stacked is not None and x.shape[0] * self.topk <= 64:
-            y = self._gathered(x, weights, idx)
+            y = self._gathered(x, *self._local(weights, idx))
         else:
             y = self._looped(x, weights, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return parallel.all_reduce(y).view(shape)  # this rank's experts + its share of the shared ones
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         e, two_i, d = self.stacked["w13"].shape
@@ -200,7 +230,8 @@ class MoE(nn.Module):
             h = F.linear(x, w13.to(x.dtype))
         h = h.view(-1, e, 2, two_i // 2)
         a = F.silu(h[:, :, 0]) * h[:, :, 1]  # (t, e, i)
-        combine = torch.zeros(x.shape[0], e, dtype=x.dtype, device=x.device).scatter(1, idx, weights.to(x.dtype))
+        combine = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
+        combine = combine.scatter(1, idx, weights.to(x.dtype))[:, self.start:self.end]  # this rank's experts
         a = (a * combine[:, :, None]).reshape(x.shape[0], -1)
         if self.small_m and cpu_linear.usable(a, self.stacked["w2_all"]):
             return cpu_linear.step_linear(a, self.stacked["w2_all"])
@@ -218,9 +249,9 @@ class MoE(nn.Module):
 
     def _looped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x)
-        counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
+        counts = torch.bincount(idx.flatten(), minlength=self.n_experts).tolist()
         for e, c in enumerate(counts):
-            if c == 0:
+            if c == 0 or self.experts[e] is None:  # unchosen, or another rank's expert
                 continue
             tok, slot = torch.where(idx == e)
             out = self.experts[e](x[tok]) * weights[tok, slot, None]

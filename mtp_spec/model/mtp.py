@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import mtp_spec.parallel as parallel
 from mtp_spec.cache import KVCache
 from mtp_spec.config import ModelArgs
 from mtp_spec.model.attention import cache_dtype, cache_widths, make_step
 from mtp_spec.model.block import Block
-from mtp_spec.model.layers import Linear, RMSNorm, Rotary
+from mtp_spec.model.layers import ColumnParallelLinear, Linear, ParallelEmbedding, RMSNorm, Rotary
 from mtp_spec.model.steps import StepCompiler
 
 
@@ -37,32 +38,45 @@ class MTPOutput:
 class MTPLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, rotary: Rotary, block: type[nn.Module] = Block):
         super().__init__()
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.embed = ParallelEmbedding(args.vocab_size, args.dim)
         self.enorm = RMSNorm(args.dim, args.norm_eps)
         self.hnorm = RMSNorm(args.dim, args.norm_eps)
         self.eh_proj = Linear(2 * args.dim, args.dim)
         self.block = block(args, layer_id, rotary)
         self.head_norm = RMSNorm(args.dim, args.norm_eps)  # shared_head.norm
-        self.head = Linear(args.dim, args.vocab_size)  # shared_head.head
+        self.head = ColumnParallelLinear(args.dim, args.vocab_size, "vocab_size", gather=True)  # shared_head.head
+        self.vocab_size = args.vocab_size
         # FR-Spec's sub-vocabulary draft head: only these token ids are scored (None: the full head)
         self.register_buffer("draft_vocab", None)
         self.sub_head: list[Linear] = []
+        self.sub_ids: torch.Tensor | None = None  # the draft-vocabulary ids this rank's sub_head scores
 
-    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+    def set_draft_vocab(self, ids: torch.Tensor | None, runtime: bool = False) -> None:
         """Score only `ids` (the most frequent tokens) when drafting; the verifier still uses the main
-        head over the whole vocabulary, so output stays lossless. None restores the full head."""
-        self.draft_vocab, self.sub_head = None, []
+        head over the whole vocabulary, so output stays lossless. None restores the full head.
+
+        `draft_vocab` is the vocabulary the layer was trained with (the checkpoint's tensor). A
+        `runtime` restriction (mtp_spec.draft_vocab, `--draft-vocab N`) builds the sub-head only and
+        leaves it alone, so None with `runtime` goes back to the trained vocabulary, not the full head."""
+        if not runtime:
+            self.draft_vocab = None
+        self.sub_head, self.sub_ids = [], None
+        if ids is None and runtime:
+            ids = self.draft_vocab
         if ids is None:
             return
         ids = ids.to(device=self.head.weight.device, dtype=torch.long)
-        if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.head.out_features:
-            raise ValueError(f"draft vocabulary must be 1-D token ids in [0, {self.head.out_features})")
-        self.draft_vocab = ids
-        sub = Linear(self.head.in_features, len(ids))
+        if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"draft vocabulary must be 1-D token ids in [0, {self.vocab_size})")
+        if not runtime:
+            self.draft_vocab = ids
+        start = self.head.shard[1] if self.head.shard else 0  # a rank scores the ids in its vocabulary slice
+        mine = ids[(ids >= start) & (ids < start + self.head.weight.shape[0])]
+        sub = Linear(self.head.in_features, len(mine))
         sub.small_m = self.head.small_m
-        sub.weight = nn.Parameter(self.head.dense_weight(self.head_norm.weight.dtype)[ids].clone(),
+        sub.weight = nn.Parameter(self.head.dense_weight(self.head_norm.weight.dtype)[mine - start].clone(),
                                   requires_grad=False)
-        self.sub_head = [sub]
+        self.sub_head, self.sub_ids = [sub], mine
 
 
 class MTP(nn.Module):
@@ -100,8 +114,9 @@ class MTP(nn.Module):
         sel = normed if logits_at is None else normed.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))
         if layer.sub_head:  # score the draft vocabulary only; every other token gets -inf
             sub = self.steps.run(Linear.forward, layer.sub_head[0], sel, compiled=compiled)
-            logits = sub.new_full((*sub.shape[:-1], layer.head.out_features), float("-inf"))
-            logits = logits.scatter(-1, layer.draft_vocab.expand_as(sub), sub)
+            logits = sub.new_full((*sub.shape[:-1], layer.vocab_size), float("-inf"))
+            logits = logits.scatter(-1, layer.sub_ids.expand_as(sub), sub)
+            logits = parallel.all_reduce(logits, "max")  # each rank filled its own ids; -inf elsewhere
         else:
             logits = self.steps.run(type(layer.head).forward, layer.head, sel, compiled=compiled)
         return MTPOutput(logits=logits, hidden_states=normed if self.hidden_input == "post" else x)

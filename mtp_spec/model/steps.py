@@ -5,7 +5,8 @@ forwards (decode, verify, draft extend, draft step) and run eager for everything
 one compilation per (block kind, shapes) serves all layers (with inline_inbuilt_nn_modules, weights
 are inputs, not constants). Shapes are static (dynamic=False): decode is (b, 1), verify (b, k+1),
 and attention reads the whole preallocated cache, so a run compiles a handful of variants and then
-replays them. On CUDA, mode "reduce-overhead" captures CUDA graphs as well.
+replays them. On CUDA, mode "reduce-overhead" would capture CUDA graphs as well; the loader does not
+ask for it (on an H200, torch 2.11, the MTP draft steps crashed inside it; see loader.load).
 """
 
 from __future__ import annotations

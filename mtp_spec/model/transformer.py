@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import mtp_spec.parallel as parallel
 from mtp_spec.cache import KVCache
 from mtp_spec.config import ModelArgs
 from mtp_spec.model.attention import cache_dtype, cache_widths, make_step
 from mtp_spec.model.block import Block
-from mtp_spec.model.layers import Linear, RMSNorm, Rotary, activation_dtype
+from mtp_spec.model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, Rotary, activation_dtype
 from mtp_spec.model.llama import LlamaBlock
 from mtp_spec.model.llama import cache_widths as llama_cache_widths
 from mtp_spec.model.moe import MoE
@@ -41,12 +42,15 @@ class Transformer(nn.Module):
         self.max_len = max_len or min(args.max_seq_len, 8192)
         self.rotary = Rotary(args, self.max_len)
         self.has_main = main
+        if args.family == "llama" and parallel.world().size > 1:
+            raise ValueError(f"tensor parallelism is implemented for the DeepSeek family; this {args.model_type} "
+                             f"model runs in one process (world size {parallel.world().size} requested)")
         block, self.cache_widths = (LlamaBlock, llama_cache_widths) if args.family == "llama" else (Block, cache_widths)
         if main:
-            self.embed = nn.Embedding(args.vocab_size, args.dim)
+            self.embed = ParallelEmbedding(args.vocab_size, args.dim)
             self.layers = nn.ModuleList(block(args, i, self.rotary) for i in range(args.n_layers))
             self.norm = RMSNorm(args.dim, args.norm_eps)
-            self.head = Linear(args.dim, args.vocab_size)
+            self.head = ColumnParallelLinear(args.dim, args.vocab_size, "vocab_size", gather=True)
         self.steps = StepCompiler()
         self.mtp = None
         if mtp and args.n_mtp_layers > 0:
@@ -114,5 +118,5 @@ class Transformer(nn.Module):
             h = self.steps.run(type(layer).forward, layer, h, step, kv, compiled=compiled)
         normed = self.norm(h)
         sel = normed if logits_at is None else normed.gather(1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
-        logits = self.steps.run(Linear.forward, self.head, sel, compiled=compiled)
+        logits = self.steps.run(type(self.head).forward, self.head, sel, compiled=compiled)
         return ModelOutput(logits=logits, hidden_states=normed, prenorm_hidden=h)

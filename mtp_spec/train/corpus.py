@@ -160,3 +160,35 @@ def train_documents(path: str | os.PathLike) -> list[str]:
     if not docs:
         raise ValueError(f"{path}: the training corpus is empty")
     return docs
+
+
+def training_texts() -> list[str]:
+    """The shipped model's training documents, as `build` writes them to train.txt (held-out modules left out)."""
+    docs = stdlib_docs()
+    if not docs:
+        raise ValueError("the corpus is empty: no standard-library sources found")
+    return [d.text for d in split(docs)[0]]
+
+
+def corpus_texts(paths: list[str | os.PathLike]) -> list[str]:
+    """Documents from text files (a train.txt's `<|eos|>`-separated documents are split apart) and from
+    directories (their *.txt, *.md and *.py files, in sorted order)."""
+    docs: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".py") and f.is_file())
+            if not files:
+                raise ValueError(f"{p}: no .txt, .md or .py files in this directory")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise ValueError(f"--corpus {p}: no such file or directory")
+        for f in files:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"--corpus {f}: not UTF-8 text") from None
+            docs += [d for d in text.split("\n<|eos|>\n") if d.strip()]
+    if not docs:
+        raise ValueError(f"--corpus {', '.join(map(str, paths))}: no text")
+    return docs

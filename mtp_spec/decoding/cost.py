@@ -1,0 +1,254 @@
+"""What a speculative step costs on the loaded model, what it brings, and the depth worth running.
+
+Times in seconds for the model on its device (a `CostModel`):
+  verify(n, b)   one forward of n tokens per row at batch b; n = 1 is plain decoding
+  draft(b)       one chained MTP draft step, (b, 1) with full logits
+  extend(n, b)   the MTP draft extend over n committed tokens per row (logits at one position)
+A step of depth k as `MTPProposer` runs it: extend the k + 1 tokens the previous step committed (which
+yields draft 1), k - 1 chained draft steps, then verify the newest token and the k drafts:
+  step_time(k, b) = verify(k + 1, b) + extend(k + 1, b) + (k - 1) draft(b)     k >= 1
+  step_time(0, b) = verify(1, b)     the MTP cache catches up later, in one extend of what is pending
+With conditional acceptance p_j = P(draft j accepted | drafts 1..j-1 accepted) a row emits
+  expected_tokens(p, k) = 1 + sum_{j=1..k} prod_{i<=j} p_i
+tokens per step (the bonus or correction token included). Rows that finished stay in the batch, so a
+step costs step_time(k, b) for the whole batch while only the active rows emit.
+
+Times between measured points are linear in n (along each measured batch) and then in b. Outside the
+measured range: below the smallest n or b the edge value holds (small steps are bound by reading the
+weights, not cheaper); above the largest the last segment continues, never falling (one point: flat).
+Online, each step's time refreshes its verify(k + 1, b) point by an exponential moving average. The
+engine does not time the MTP parts apart (that would need device syncs inside the step), so they stay
+as measured and whatever they miss lands in the verify point: step_time follows what steps take.
+
+JSON (`to_json`, `from_json`; another tool reads it):
+  {"device": str, "verify": [[n_tokens, batch, seconds], ...], "draft": [[batch, seconds], ...],
+   "extend": [[n_tokens, batch, seconds], ...]}       "extend" is optional; without it extend = draft.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_PRIOR = 0.5  # conditional acceptance per position before anything is known about the model
+PRIOR_WEIGHT = 4.0  # pseudo-observations behind a prior: a few steps of evidence outweigh it
+
+
+def expected_tokens(p: Sequence[float], k: int) -> float:
+    """Tokens a row emits per step at depth k, from conditional acceptance p_1..p_k (positions past
+    the given rates repeat the last one)."""
+    if k > 0 and not p:
+        raise ValueError("acceptance: no per-position rates given")
+    total, reach = 1.0, 1.0
+    for j in range(k):
+        reach *= p[min(j, len(p) - 1)]
+        total += reach
+    return total
+
+
+def _interp(pts: list[tuple[float, float]], x: float) -> float:
+    """Piecewise linear through (x, y) points sorted by x; the edge value below, the last segment above."""
+    if x <= pts[0][0] or len(pts) == 1:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = pts[-2:]
+    return max(y1, y1 + (y1 - y0) * (x - x1) / (x1 - x0))
+
+
+@dataclass
+class Table:
+    """Seconds at measured (n_tokens, batch) points."""
+
+    points: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def batches(self) -> list[int]:
+        return sorted({b for _, b in self.points})
+
+    def __call__(self, n: int, b: int) -> float:
+        if not self.points:
+            raise ValueError("the cost table has no measured points")
+        per_batch = [(pb, _interp(sorted((pn, t) for (pn, qb), t in self.points.items() if qb == pb), n))
+                     for pb in self.batches()]
+        return _interp(per_batch, b)
+
+    def refresh(self, n: int, b: int, seconds: float, alpha: float) -> None:
+        """Move the (n, b) point towards `seconds`. A point not measured starts from the interpolation;
+        a new batch gets the whole row of n's, so its curve in n keeps the measured shape."""
+        if (n, b) not in self.points:
+            ns = {n} | ({pn for pn, _ in self.points} if b not in self.batches() else set())
+            self.points.update({(m, b): self(m, b) for m in ns})
+        self.points[(n, b)] += alpha * (seconds - self.points[(n, b)])
+
+
+@dataclass
+class CostModel:
+    device: str = "cpu"
+    verify_table: Table = field(default_factory=Table)
+    draft_table: Table = field(default_factory=Table)  # n = 1 only
+    extend_table: Table | None = None
+    alpha: float = 0.1  # weight of each new step time in the moving average
+
+    def verify(self, n: int, b: int) -> float:
+        return self.verify_table(n, b)
+
+    def draft(self, b: int) -> float:
+        return self.draft_table(1, b)
+
+    def extend(self, n: int, b: int) -> float:
+        return self.extend_table(n, b) if self.extend_table is not None else self.draft(b)
+
+    def step_time(self, k: int, b: int) -> float:
+        if k == 0:
+            return self.verify(1, b)
+        return self.verify(k + 1, b) + self.extend(k + 1, b) + (k - 1) * self.draft(b)
+
+    def tokens_per_s(self, p: Sequence[float], k: int, b: int, active: int | None = None) -> float:
+        """Predicted throughput of a batch of b rows, `active` of them emitting (default all), all at p."""
+        return (b if active is None else active) * expected_tokens(p, k) / self.step_time(k, b)
+
+    def observe_step(self, k: int, b: int, seconds: float, mtp_seconds: float) -> None:
+        """One step of depth k at batch b took `seconds`, `mtp_seconds` of them (by the table) in the
+        MTP layer: the rest refreshes verify(k + 1, b)."""
+        self.verify_table.refresh(k + 1, b, max(seconds - mtp_seconds, 0.0), self.alpha)
+
+    # --- JSON ---------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        rows = lambda t: [[n, b, s] for (n, b), s in sorted(t.points.items())]
+        out = {"device": self.device, "verify": rows(self.verify_table),
+               "draft": [[b, s] for (_, b), s in sorted(self.draft_table.points.items())]}
+        if self.extend_table is not None:
+            out["extend"] = rows(self.extend_table)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "cost table") -> CostModel:
+        if not isinstance(d, dict) or not isinstance(d.get("device"), str):
+            raise ValueError(f"{where}: expected an object with 'device' (a string), 'verify' and 'draft'")
+
+        def table(key: str, width: int) -> Table:
+            rows = d.get(key)
+            if not isinstance(rows, list) or not rows:
+                raise ValueError(f"{where}: '{key}' must be a non-empty list of {width}-number rows")
+            pts, shape = {}, "[n_tokens, batch, seconds]" if width == 3 else "[batch, seconds]"
+            for r in rows:
+                ok = isinstance(r, list) and len(r) == width and all(isinstance(x, (int, float)) for x in r)
+                if not ok or min(r[:-1]) < 1 or r[-1] < 0 or any(int(x) != x for x in r[:-1]):
+                    raise ValueError(f"{where}: '{key}' row {r!r}: expected {shape} with whole counts >= 1 "
+                                     "and seconds >= 0")
+                pts[(int(r[0]), int(r[1])) if width == 3 else (1, int(r[0]))] = float(r[-1])
+            return Table(pts)
+
+        return cls(d["device"], table("verify", 3), table("draft", 2), table("extend", 3) if "extend" in d else None)
+
+    def save(self, path: str | Path) -> None:
+        from mtp_spec.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{p}: no such cost table") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_json(d, str(p))
+
+
+# --- warm-up measurement ----------------------------------------------------------------------------
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _seconds(dev: torch.device, repeats: int, fn, *args, **kwargs) -> float:
+    """Median time of fn(*args, **kwargs) after one warm-up call (compilation, first allocations)."""
+    fn(*args, **kwargs)
+    _sync(dev)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return min(times)  # the least disturbed run: the machine may be shared
+
+
+@torch.no_grad()
+def measure(model, batches: Sequence[int] = (1, 4), tokens: Sequence[int] = (1, 2, 3, 4, 5),
+            max_len: int = 256, repeats: int = 3, into: CostModel | None = None) -> CostModel:
+    """Time verify(n, b), extend(n, b) and draft(b) on the model's step path (as loaded: compiled or
+    not) in scratch caches `max_len` long and half full, adding the points to `into` (or a new model)."""
+    dev = next(model.parameters()).device
+    cost = into or CostModel(str(dev))
+    if cost.extend_table is None:
+        cost.extend_table = Table()
+    g = torch.Generator().manual_seed(0)
+    time_of = lambda *a, **kw: _seconds(dev, repeats, *a, **kw)
+    for b in batches:
+        cache = model.new_cache(b, max_len)
+        cache.lengths.fill_(max_len // 2)
+        mtp_cache = model.mtp.new_cache(b, max_len) if model.mtp is not None else None
+        for n in tokens:
+            x = torch.randint(0, model.args.vocab_size, (b, n), generator=g).to(dev)
+            cost.verify_table.points[(n, b)] = time_of(model, x, cache=cache, step=True)
+            if mtp_cache is None:
+                continue
+            h = model(x, cache=cache, step=True).hidden_states
+            last = torch.full((b, 1), n - 1, device=dev)
+            cost.extend_table.points[(n, b)] = time_of(model.mtp, x, h, depth=0, cache=mtp_cache,
+                                                       start=cache.lengths, logits_at=last, step=True)
+            if n == 1:
+                cost.draft_table.points[(1, b)] = time_of(model.mtp, x, h, depth=1, cache=mtp_cache,
+                                                          start=cache.lengths, step=True)
+    return cost
+
+
+# --- acceptance and the choice of depth -------------------------------------------------------------
+@dataclass
+class Acceptance:
+    """Beta counts of conditional acceptance per draft position: a step that drafted k and accepted n
+    is a success at positions 1..n and a failure at n + 1 (if n < k); deeper positions were not tried."""
+
+    prior: list[float]
+    weight: float = PRIOR_WEIGHT
+    hits: list[float] = field(default_factory=list)
+    trials: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.prior)
+        self.hits = self.hits or [0.0] * n
+        self.trials = self.trials or [0.0] * n
+
+    def update(self, drafted: int, accepted: int) -> None:
+        for j in range(min(accepted + 1, drafted, len(self.prior))):
+            self.trials[j] += 1
+            self.hits[j] += j < accepted
+
+    def means(self) -> list[float]:
+        return [(h + self.weight * p) / (t + self.weight) for h, t, p in zip(self.hits, self.trials, self.prior)]
+
+    @property
+    def observed(self) -> bool:
+        return self.trials[0] > 0
+
+
+def choose_depth(cost: CostModel, batch: int, rows: Sequence[Sequence[float]], k_max: int) -> int:
+    """The depth 0..k_max with the highest predicted throughput of the whole batch: the active rows'
+    expected tokens (each from its own acceptance `rows[i]`) over one step's time at `batch` rows.
+    Ties go to the shallower depth."""
+    best_k, best = 0, -1.0
+    for k in range(k_max + 1):
+        rate = sum(expected_tokens(p, k) for p in rows) / cost.step_time(k, batch)
+        if rate > best * (1 + 1e-9):
+            best_k, best = k, rate
+    return best_k

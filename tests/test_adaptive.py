@@ -1,0 +1,304 @@
+"""`--k auto`: the cost model, the depth chooser, and the invariants that must survive a depth that
+changes from step to step (greedy output is vanilla's, sampled output has the target's distribution,
+the MTP cache holds exactly the committed text)."""
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from test_fast_path import _NoSync
+from test_sampling_lossless import chi_square_p, exact_joint
+from test_sampling_lossless import models as small_vocab_models  # noqa: F401  (a fixture)
+from test_sampling_lossless import run as run_sampled
+
+import mtp_spec
+from mtp_spec.cli import main
+from mtp_spec.decoding.cost import (
+    Acceptance,
+    CostModel,
+    Table,
+    choose_depth,
+    expected_tokens,
+    measure,
+)
+from mtp_spec.decoding.engine import Engine
+from mtp_spec.decoding.proposers import AutoMTPProposer
+from mtp_spec.decoding.sampling import SamplingParams
+from mtp_spec.decoding.strategies import make_proposer
+from mtp_spec.tokenizer import write_byte_tokenizer
+
+
+def fake_cost(verify=lambda n, b: 1.0 + 0.1 * n * b, draft=lambda b: 0.2, extend=None) -> CostModel:
+    """A hand-made table on n = 1..5, b in (1, 4), not refreshed online (alpha 0): runs are repeatable."""
+    ns, bs = range(1, 6), (1, 4)
+    ext = None if extend is None else Table({(n, b): extend(n, b) for n in ns for b in bs})
+    return CostModel("fake", Table({(n, b): verify(n, b) for n in ns for b in bs}),
+                     Table({(1, b): draft(b) for b in bs}), ext, alpha=0.0)
+
+
+class Forced(AutoMTPProposer):
+    """The auto proposer with its depths forced to a cycle, to exercise every switch (0 -> k -> 0)."""
+
+    def __init__(self, model, seq, k_max=4):
+        super().__init__(model, k_max, cost=fake_cost())
+        self.seq = seq
+
+    def reset(self, batch, max_len):
+        super().reset(batch, max_len)
+        self.it = itertools.cycle(self.seq)
+
+    def choose(self, st):
+        return next(self.it)
+
+
+class SteeredAuto(AutoMTPProposer):
+    """The real chooser, with drafts steered towards the known continuation so that acceptance is high
+    sometimes and the chooser has reasons to go deep as well as to stop drafting."""
+
+    def __init__(self, model, refs, seed):
+        super().__init__(model, 4, cost=fake_cost(), probe_every=3)
+        self.refs, self.rng = refs, random.Random(seed)
+
+    def _draft_from(self, logits, h, st, sp, k):
+        out = super()._draft_from(logits, h, st, sp, k)
+        for r, toks in enumerate(st.tokens):
+            ref = self.refs[r][len(toks):len(toks) + out.n]
+            cut = self.rng.randint(0, len(ref))
+            out.tokens[r, :cut] = torch.tensor(ref[:cut], dtype=torch.long)
+        return out
+
+
+@pytest.fixture(scope="module", params=["off", "auto"])
+def model(tiny_fp8, request):
+    return mtp_spec.load(tiny_fp8, max_len=160, compile=request.param)
+
+
+def _prompts(seed, batch):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in torch.randint(1, 24, (batch,), generator=g)]
+
+
+# --- the cost model -------------------------------------------------------------------------------
+def test_expected_tokens_is_one_plus_the_sum_of_prefix_products():
+    p = [0.8, 0.5, 0.25]
+    assert expected_tokens(p, 0) == 1.0
+    assert expected_tokens(p, 1) == pytest.approx(1.8)
+    assert expected_tokens(p, 2) == pytest.approx(1 + 0.8 + 0.4)
+    assert expected_tokens(p, 3) == pytest.approx(1 + 0.8 + 0.4 + 0.1)
+    assert expected_tokens([1.0] * 4, 4) == 5.0
+
+
+def test_times_are_linear_between_points_held_below_and_extended_above():
+    t = Table({(1, 1): 1.0, (3, 1): 2.0, (1, 4): 4.0, (3, 4): 8.0})
+    assert t(2, 1) == pytest.approx(1.5)  # linear in n
+    assert t(1, 2) == pytest.approx(2.0)  # linear in b
+    assert t(2, 2) == pytest.approx((1.5 * 2 + 6.0) / 3)  # n first, then b
+    assert t(1, 0.5) == 1.0 and t(0, 1) == 1.0  # below the measured range: the edge value
+    assert t(5, 1) == pytest.approx(3.0)  # above: the last segment continues
+    assert t(1, 10) == pytest.approx(10.0)
+    assert Table({(1, 1): 2.0, (2, 1): 1.0})(9, 1) == 1.0  # never falling above the range
+    assert Table({(2, 3): 0.5})(7, 9) == 0.5  # one point: flat
+
+
+def test_step_time_is_what_the_mtp_proposer_runs():
+    c = fake_cost(verify=lambda n, b: n * b * 1.0, draft=lambda b: 0.5 * b, extend=lambda n, b: 0.25 * n * b)
+    assert c.step_time(0, 1) == 1.0  # plain decoding
+    assert c.step_time(1, 1) == pytest.approx(2.0 + 0.5)  # verify 2, extend 2
+    assert c.step_time(3, 4) == pytest.approx(16.0 + 4.0 + 2 * 2.0)  # verify 4, extend 4, two chained drafts
+    assert fake_cost(draft=lambda b: 0.3).extend(4, 1) == 0.3  # no extend table: an extend costs a draft step
+    assert c.tokens_per_s([0.5], 1, 4, active=2) == pytest.approx(2 * 1.5 / c.step_time(1, 4))
+
+
+def test_a_step_of_depth_k_runs_one_extend_and_k_minus_1_draft_steps(model, monkeypatch):
+    calls = []
+    fwd = type(model.mtp).forward
+
+    def counted(self, tokens, *a, **kw):
+        calls.append(tokens.shape[1])
+        return fwd(self, tokens, *a, **kw)
+
+    prop = Forced(model, [3])
+    monkeypatch.setattr(type(model.mtp), "forward", counted)
+    Engine(model, prop).generate([[5, 9, 200, 31]], 9)
+    # the prompt's extend, then per step: an extend of the k + 1 committed tokens and k - 1 chained steps
+    assert calls[0] == 4 and calls[1:4] == [1, 1, 4] and calls[4:7] == [1, 1, 4]
+
+
+def test_online_refresh_is_a_moving_average_per_point():
+    c = fake_cost(verify=lambda n, b: 1.0)
+    c.alpha = 0.5
+    c.observe_step(2, 4, seconds=3.0, mtp_seconds=1.0)  # verify(3, 4) sees 2.0
+    assert c.verify(3, 4) == pytest.approx(1.5) and c.verify(2, 4) == 1.0
+    c.observe_step(0, 2, seconds=3.0, mtp_seconds=0.0)  # a batch not measured gets its own row
+    assert c.verify(1, 2) == pytest.approx(2.0) and c.verify(5, 2) == pytest.approx(1.0)
+    assert {n for n, b in c.verify_table.points if b == 2} == {1, 2, 3, 4, 5}
+
+
+def test_cost_table_json_round_trip_and_errors(tmp_path, tiny_fp8):
+    m = mtp_spec.load(tiny_fp8, max_len=64, compile="auto")
+    c = measure(m, batches=(1, 2), tokens=(1, 3), max_len=64, repeats=1)
+    d = c.to_json()
+    assert d["device"] == "cpu" and {len(r) for r in d["verify"]} == {3} and {len(r) for r in d["draft"]} == {2}
+    assert sorted((n, b) for n, b, _ in d["verify"]) == [(1, 1), (1, 2), (3, 1), (3, 2)]
+    assert all(s > 0 for *_, s in d["verify"] + d["draft"] + d["extend"])
+    c.save(tmp_path / "costs.json")
+    back = CostModel.load(tmp_path / "costs.json")
+    assert back.to_json() == json.loads(json.dumps(d))
+    assert CostModel.from_json({"device": "x", "verify": [[1, 1, 0.1]], "draft": [[1, 0.01]]}).extend(3, 1) == 0.01
+    for bad, msg in [({"verify": [[1, 1, 0.1]], "draft": [[1, 0.1]]}, "device"),
+                     ({"device": "x", "verify": [[1, 0.1]], "draft": [[1, 0.1]]}, "'verify' row"),
+                     ({"device": "x", "verify": [[1, 1, 0.1]]}, "'draft'"),
+                     ({"device": "x", "verify": [[0, 1, 0.1]], "draft": [[1, 0.1]]}, "'verify' row")]:
+        with pytest.raises(ValueError, match=msg):
+            CostModel.from_json(bad)
+
+
+# --- acceptance and the chooser --------------------------------------------------------------------
+def test_acceptance_counts_positions_tried_only():
+    a = Acceptance([0.5, 0.5, 0.5], weight=2.0)
+    a.update(drafted=3, accepted=1)  # position 1 accepted, 2 rejected, 3 not tried
+    a.update(drafted=0, accepted=0)  # a plain step: nothing
+    assert a.hits == [1, 0, 0] and a.trials == [1, 1, 0]
+    assert a.means() == pytest.approx([2 / 3, 1 / 3, 0.5])
+
+
+def test_chooser_picks_zero_when_drafts_cost_more_than_they_bring():
+    c = fake_cost(verify=lambda n, b: 1.0, draft=lambda b: 0.6)
+    assert choose_depth(c, 4, [[0.5] * 4] * 4, 4) == 0  # 1.5 tokens for 1.6x the time
+    assert choose_depth(c, 4, [[0.7] * 4] * 4, 4) == 1  # 1.7 tokens for 1.6x the time
+
+
+def test_chooser_picks_k_max_when_acceptance_is_one_and_drafts_are_free():
+    c = fake_cost(verify=lambda n, b: 1.0, draft=lambda b: 0.0)
+    assert choose_depth(c, 2, [[0.999] * 4, [1.0] * 4], 4) == 4
+
+
+def test_chooser_maximises_the_whole_batch_throughput():
+    # verify grows with n * b: deeper steps at batch 4 pay only when most rows would accept
+    c = fake_cost(verify=lambda n, b: 1.0 + 0.3 * n * b, draft=lambda b: 0.0)
+    good, bad = [0.9] * 4, [0.0] * 4
+    assert choose_depth(c, 4, [good] * 4, 4) > 0
+    assert choose_depth(c, 4, [good] + [bad] * 3, 4) == 0
+    assert choose_depth(c, 1, [[0.5] * 4], 4) > 0 and choose_depth(c, 4, [[0.5] * 4] * 4, 4) == 0
+
+
+def test_auto_probes_neighbouring_depths_now_and_then(model):
+    prop = AutoMTPProposer(model, 2, cost=fake_cost(draft=lambda b: 100.0), probe_every=3)
+    res = Engine(model, prop).generate([[5, 9, 200, 31]], 20)
+    per_k = res[0].metrics.steps_per_k
+    assert per_k[0] > 0 and per_k[1] > 0 and sum(per_k[2:]) == 0  # 0 is best; 1 is probed, 2 never
+
+
+# --- invariants under a changing depth ------------------------------------------------------------
+@pytest.mark.parametrize("seq", [[0, 3, 1, 0, 2], [0] * 12 + [1], [4, 0, 0, 1, 0, 3], [2]])
+def test_greedy_auto_equals_vanilla_for_forced_depth_sequences(model, seq):
+    for seed, batch in [(0, 1), (1, 3), (2, 6)]:
+        prompts = _prompts(seed, batch)
+        ref = Engine(model).generate(prompts, 26)
+        eos = ref[0].token_ids[len(ref[0].token_ids) // 2]  # row 0 stops mid-way
+        ref = Engine(model).generate(prompts, 26, eos_id=eos)
+        got = Engine(model, Forced(model, seq)).generate(prompts, 26, eos_id=eos)
+        for i, (a, b) in enumerate(zip(ref, got)):
+            assert b.token_ids == a.token_ids, f"seq {seq} seed {seed} row {i}"
+            assert b.finish_reason == a.finish_reason
+        for r in got:  # every row ran the first num_steps depths of the cycle
+            cycle = list(itertools.islice(itertools.cycle(seq), r.metrics.num_steps))
+            assert r.metrics.steps_per_k == [cycle.count(k) for k in range(max(cycle) + 1)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_auto_with_the_real_chooser_equals_vanilla(model, seed):
+    batch = [1, 4, 7][seed]
+    prompts = _prompts(10 + seed, batch)
+    ref = Engine(model).generate(prompts, 30)
+    refs = [p + r.token_ids for p, r in zip(prompts, ref)]
+    prop = SteeredAuto(model, refs, seed)
+    got = Engine(model, prop).generate(prompts, 30)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    per_k = got[0].metrics.steps_per_k
+    assert len([n for n in per_k if n]) >= 2, per_k  # the depth did change
+    plain = Engine(model, AutoMTPProposer(model, 3, cost=fake_cost())).generate(prompts, 30)  # unsteered
+    assert [r.token_ids for r in plain] == [r.token_ids for r in ref]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seq", [[0, 3, 1, 0, 2], [1, 0, 0, 0], [0] * 11 + [2]])
+def test_switching_depths_keeps_the_mtp_cache_equal_to_a_fresh_pass(model, seq):
+    prompts = _prompts(40, 3)
+    prop = Forced(model, seq)
+    res = Engine(model, prop).generate(prompts, 24)
+    if prop.pending is not None:  # the pairs still waiting go in too, so that they are checked as well
+        prop._flush()
+    for i in range(len(prompts)):
+        text = torch.tensor([prompts[i] + res[i].token_ids])
+        n = text.shape[1] - 1
+        hidden = model(text[:, :n]).hidden_states
+        m = int(prop.cache.lengths[i])
+        # all but the pairs of the row's last step (a finished row's are dropped; the longest row keeps them)
+        assert n - (max(seq) + 1) <= m <= n
+        fresh = model.mtp.new_cache(1, 64)
+        model.mtp(text[:, 1:m + 1], hidden[:, :m], cache=fresh)
+        torch.testing.assert_close(prop.cache.layer(0)[0][i, :m], fresh.layer(0)[0][0, :m], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq", [[0] * 11 + [3, 1], None])
+def test_an_auto_step_reads_back_once(tiny_fp8, seq):
+    """Choosing the depth, queueing and catching up read nothing: the one read-back per step stays."""
+    model = mtp_spec.load(tiny_fp8, max_len=96, compile="auto")
+    prop = Forced(model, seq) if seq else AutoMTPProposer(model, 3, cost=fake_cost(), probe_every=2)
+    prompts = _prompts(3, 3)
+    with _NoSync() as spy:
+        res = Engine(model, prop).generate(prompts, 24)
+    steps = max(r.metrics.num_steps for r in res)
+    assert spy.calls == ["tolist"] * (steps + 1)  # the prefill's first tokens, then one per step
+
+
+@pytest.mark.parametrize("chooser", ["forced", "real"])
+def test_sampled_auto_keeps_the_target_distribution(small_vocab_models, chooser):  # noqa: F811
+    target, _ = small_vocab_models
+    sp = SamplingParams(temperature=1.0)
+    prop = Forced(target, [1, 0, 2]) if chooser == "forced" else \
+        AutoMTPProposer(target, 2, cost=fake_cost(verify=lambda n, b: 1 + 0.2 * n, draft=lambda b: 0.01))
+    samples, drafted, accepted = run_sampled(target, prop, sp)
+    assert 0.01 * drafted < accepted < 0.99 * drafted, (drafted, accepted)
+    p = chi_square_p(samples, exact_joint(target, sp))
+    assert p > 1e-3, f"{chooser}: chi-square p = {p:.2e}"
+
+
+# --- the API and the CLI ---------------------------------------------------------------------------
+def test_make_proposer_auto_and_its_errors(model):
+    prop = make_proposer("mtp", model, "auto", k_max=3, cost=fake_cost())
+    assert isinstance(prop, AutoMTPProposer) and prop.k_max == prop.max_nodes == 3
+    with pytest.raises(ValueError, match="auto works with strategy 'mtp' only"):
+        make_proposer("ngram", model, "auto")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        make_proposer("mtp", model, 0)
+
+
+def test_generate_defaults_to_auto_depth_and_records_it(tiny_fp8, capsys):
+    write_byte_tokenizer(tiny_fp8)
+    args = ["generate", "--model", str(tiny_fp8), "--prompt-ids", "5,6,7,5,6", "--max-new-tokens", "10", "--json"]
+    assert main(args) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["strategy"] == "mtp" and rec["k"] == "auto"
+    assert sum(rec["steps_per_k"]) >= 1 and len(rec["steps_per_k"]) <= 5
+    main(args + ["--strategy", "vanilla"])
+    assert json.loads(capsys.readouterr().out)["token_ids"] == rec["token_ids"]
+    main(args + ["--k", "2"])
+    assert json.loads(capsys.readouterr().out)["k"] == 2
+    assert main(args + ["--strategy", "ngram", "--k", "auto"]) == 2
+    assert "--k auto works with --strategy mtp only" in capsys.readouterr().err
+
+
+def test_the_report_predicts_a_fixed_k_cell_from_the_cost_table():
+    from mtp_spec.experiment.report import predicted_speedup
+
+    cost = CostModel.from_json({"device": "cpu", "verify": [[1, 1, 0.010], [3, 1, 0.012]], "draft": [[1, 0.002]]})
+    # k = 2: verify(3) + extend(3) (= draft without an extend table) + one draft step = 16 ms for
+    # 1 + 0.8 + 0.8 * 0.5 = 2.2 tokens, against 1 token per 10 ms
+    assert predicted_speedup(cost, [0.8, 0.5], 2, 1) == pytest.approx(2.2 * 10 / 16)
+    assert math.isnan(predicted_speedup(cost, [0.8, 0.5], "auto", 1))
+    assert math.isnan(predicted_speedup(None, [0.8], 1, 1))
