@@ -528,12 +528,23 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         _join_world(a)
-        return a.fn(a)
+        rc = a.fn(a)
+        _leave_world()
+        return rc
     except (ValueError, OSError, RuntimeError, KeyError) as e:  # ConfigError, CheckpointError are ValueErrors
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        if not getattr(e, "all_ranks", False) or _rank() == 0:  # an error every rank shares: said once
+        if not getattr(e, "same_on_every_rank", False) or _rank() == 0:  # said once
             print(f"mtp-spec: error: {msg}", file=sys.stderr)
+        if getattr(e, "every_rank", False):  # every rank stops here: they can leave together
+            _leave_world()
         return 2
+
+
+def _leave_world() -> None:
+    import mtp_spec.parallel as parallel
+
+    if parallel.launched():
+        parallel.shutdown()
 
 
 def _rank() -> int:

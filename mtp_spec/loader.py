@@ -175,7 +175,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if parallel.world().grouped:
         failed = parallel.all_reduce(torch.tensor([float(err is not None)], device=device), "max")
         if err is None and bool(failed):
-            raise CheckpointError(f"{path}: another rank could not load its share of the weights (see its error)")
+            err = CheckpointError(f"{path}: another rank could not load its share of the weights (see its error)")
+        if err is not None:
+            err.every_rank = True  # each rank says its own error, then they stop together
     if err is not None:
         raise err
     model.bytes_loaded = reader.bytes_read

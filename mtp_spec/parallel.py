@@ -77,6 +77,18 @@ def init(device: str = "cpu") -> World:
     return _world
 
 
+def shutdown() -> None:
+    """Leave the process group together: a rank that exits while others still talk to it (rank 0
+    writing a summary) would tear its connections down under them (gloo aborts the process)."""
+    global _world
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _world = World()
+
+
 def set_world(w: World) -> None:
     """Adopt an already initialised process group (tests spawn their own)."""
     global _world

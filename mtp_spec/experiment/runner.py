@@ -335,7 +335,7 @@ def _on_main(fn):
             err = e
     out, err = parallel.broadcast_object((out, err))
     if err is not None:
-        err.all_ranks = True  # the CLI reports it once, from rank 0
+        err.every_rank = err.same_on_every_rank = True  # the CLI reports it once, from rank 0
         raise err
     return out
 
