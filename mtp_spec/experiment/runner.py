@@ -98,6 +98,7 @@ class Runner:
         max_len = max(len(i) for i in self.ids) + max_new + kmax + 8
         self.model = load(self.model_dir, device=exp.device, dtype=self.dtype, max_len=max_len,
                           mtp_hidden=exp.mtp_hidden, compile=exp.compile)
+        self.auto: dict[int, object] = {}  # k=auto proposers by draft vocabulary (see proposer)
         self.heads = None  # draft vocabularies (draft_vocab), each sub-head built on first use
         if any(n for s in exp.strategies for n in s.draft_vocab):
             from mtp_spec.draft_vocab import DraftHeads
@@ -114,6 +115,11 @@ class Runner:
         spec = next((s for s in self.exp.strategies if s.name == cell.strategy), None)
         if self.heads is not None and cell.strategy in ("mtp", "mtp-tree"):
             self.heads.use(cell.draft_vocab)  # before the proposer: k=auto measures the draft step it gets
+        if cell.k == "auto":  # one per draft vocabulary: its cost table is measured once, and its
+            # acceptance prior learns from every request it serves (reset() starts each batch)
+            if cell.draft_vocab not in self.auto:
+                self.auto[cell.draft_vocab] = make_proposer(cell.strategy, self.model, "auto")
+            return self.auto[cell.draft_vocab]
         return make_proposer(cell.strategy, self.model, cell.k, cell.tree_width, self.draft,
                              spec.ngram_max if spec else 3)
 
