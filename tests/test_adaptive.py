@@ -59,7 +59,7 @@ class SteeredAuto(AutoMTPProposer):
     sometimes and the chooser has reasons to go deep as well as to stop drafting."""
 
     def __init__(self, model, refs, seed):
-        super().__init__(model, 4, cost=fake_cost(), probe_every=3)
+        super().__init__(model, 4, cost=fake_cost(verify=lambda n, b: 1.0 + 0.1 * n), probe_every=3)
         self.refs, self.rng = refs, random.Random(seed)
 
     def _draft_from(self, logits, h, st, sp, k):
@@ -127,14 +127,39 @@ def test_a_step_of_depth_k_runs_one_extend_and_k_minus_1_draft_steps(model, monk
     assert calls[0] == 4 and calls[1:4] == [1, 1, 4] and calls[4:7] == [1, 1, 4]
 
 
-def test_online_refresh_is_a_moving_average_per_point():
-    c = fake_cost(verify=lambda n, b: 1.0)
-    c.alpha = 0.5
-    c.observe_step(2, 4, seconds=3.0, mtp_seconds=1.0)  # verify(3, 4) sees 2.0
-    assert c.verify(3, 4) == pytest.approx(1.5) and c.verify(2, 4) == 1.0
-    c.observe_step(0, 2, seconds=3.0, mtp_seconds=0.0)  # a batch not measured gets its own row
-    assert c.verify(1, 2) == pytest.approx(2.0) and c.verify(5, 2) == pytest.approx(1.0)
+def test_online_refresh_is_a_running_mean_then_a_moving_average():
+    c = fake_cost(verify=lambda n, b: 1.0, draft=lambda b: 0.5)
+    c.alpha = 0.25
+    # plain steps: verify(1, b), the warm-up value counting as one observation
+    c.observe_step(0, 4, seconds=3.0, mtp_seconds=0.0)  # mean of 1 and 3
+    assert c.verify(1, 4) == pytest.approx(2.0) and c.verify(2, 4) == 1.0
+    c.observe_step(0, 4, seconds=4.5, mtp_seconds=0.5)  # a catch-up extend is taken out: mean of 1, 3, 4
+    assert c.verify(1, 4) == pytest.approx(8 / 3)
+    c.observe_step(0, 4, seconds=4.0, mtp_seconds=0.0)  # 1/4 = alpha from here: mean of 1, 3, 4, 4
+    c.observe_step(0, 4, seconds=5.0, mtp_seconds=0.0)  # 3 + 0.25 * (5 - 3)
+    assert c.verify(1, 4) == pytest.approx(3.5)
+    # drafting steps: one excess per batch over what the table predicts, for every depth
+    assert c.step_time(2, 4) == pytest.approx(1.0 + 0.5 + 0.5)  # verify 3, extend 3, one draft step
+    c.observe_step(2, 4, seconds=3.0, mtp_seconds=1.0)  # 1.0 more than verify(3, 4): excess 1.0 at once
+    assert c.excess(4) == pytest.approx(1.0) and c.step_time(2, 4) == pytest.approx(3.0)
+    assert c.step_time(4, 4) == pytest.approx(1.0 + 0.5 + 3 * 0.5 + 1.0)  # a depth not yet run
+    assert c.step_time(0, 4) == c.verify(1, 4) and c.verify(3, 4) == 1.0
+    c.observe_step(1, 4, seconds=1.5, mtp_seconds=0.5)  # excess 0: mean of 1 and 0
+    assert c.excess(4) == pytest.approx(0.5)
+    c.forget()  # a new batch: half the excess, and the next observation replaces it
+    assert c.excess(4) == pytest.approx(0.25)
+    c.observe_step(1, 4, seconds=2.0, mtp_seconds=0.5)
+    assert c.excess(4) == pytest.approx(0.5)
+    # a batch not measured gets its own row, starting from the interpolation between b = 1 and 4
+    c.observe_step(0, 2, seconds=3.0, mtp_seconds=0.0)
+    v12 = (1.0 + 2.5 / 3 + 3.0) / 2
+    assert c.verify(1, 2) == pytest.approx(v12) and c.verify(5, 2) == pytest.approx(1.0)
     assert {n for n, b in c.verify_table.points if b == 2} == {1, 2, 3, 4, 5}
+    c.alpha = 0.0  # never refreshed
+    before = c.excess(2)
+    c.observe_step(0, 2, seconds=9.0, mtp_seconds=0.0)
+    c.observe_step(1, 2, seconds=9.0, mtp_seconds=0.0)
+    assert c.verify(1, 2) == pytest.approx(v12) and c.excess(2) == pytest.approx(before)
 
 
 def test_cost_table_json_round_trip_and_errors(tmp_path, tiny_fp8):
@@ -186,10 +211,62 @@ def test_chooser_maximises_the_whole_batch_throughput():
 
 
 def test_auto_probes_neighbouring_depths_now_and_then(model):
-    prop = AutoMTPProposer(model, 2, cost=fake_cost(draft=lambda b: 100.0), probe_every=3)
+    # k = 1 is best throughout (cheap extend, dear draft steps); 0 and 2 are probed in turn, 3 never
+    cost = fake_cost(draft=lambda b: 0.9, extend=lambda n, b: 0.0)
+    prop = AutoMTPProposer(model, 3, cost=cost, probe_every=3, prior=[0.9])
     res = Engine(model, prop).generate([[5, 9, 200, 31]], 20)
     per_k = res[0].metrics.steps_per_k
-    assert per_k[0] > 0 and per_k[1] > 0 and sum(per_k[2:]) == 0  # 0 is best; 1 is probed, 2 never
+    assert len(per_k) == 3 and per_k[1] > per_k[0] > 0 and per_k[2] > 0, per_k
+
+
+class _CountMTP:
+    """Counts the MTP layer's forwards (extends, draft steps) and the step each one ran in."""
+
+    def __init__(self, monkeypatch, model):
+        self.steps: list[int] = []
+        self.step = 0
+        inner = model.mtp.forward
+        monkeypatch.setattr(model.mtp, "forward", lambda *a, **kw: (self.steps.append(self.step), inner(*a, **kw))[1])
+
+
+@pytest.mark.parametrize("why", ["margin", "probes"])
+def test_auto_turns_speculation_off_for_the_batch_where_it_does_not_pay(model, monkeypatch, why):
+    """Off after `probe_every` plain steps in a row where no step has drafted yet or no depth comes
+    within `margin` of plain decoding (at once where both hold); else after a probe that changed nothing. Off means the
+    MTP layer never runs again in that batch (no catch-up, no probe); the output is vanilla's, and
+    the next batch starts with speculation on."""
+    if why == "margin":  # drafting costs 100x a step: the MTP layer never runs, not even on the prompts
+        prop = AutoMTPProposer(model, 1, cost=fake_cost(draft=lambda b: 100.0), probe_every=4)
+    else:  # a free MTP layer and verify(2) = 1.56 verify(1): k = 1 pays while acceptance > 0.56;
+        # the random model's drafts are rejected, so the chooser drafts, then stops, probes, turns off
+        cost = fake_cost(verify=lambda n, b: 1.0 if n == 1 else 1.56, draft=lambda b: 0.0, extend=lambda n, b: 0.0)
+        prop = AutoMTPProposer(model, 1, cost=cost, probe_every=4, prior=[0.9], margin=0.5)
+    count = _CountMTP(monkeypatch, model)
+    orig = prop.propose
+    off_at = []
+
+    def propose(st, sp):
+        count.step += 1
+        out = orig(st, sp)
+        if prop.off and not off_at:
+            off_at.append(count.step)
+        return out
+
+    prop.propose = propose
+    prompts = _prompts(7, 3)
+    ref = Engine(model).generate(prompts, 40)
+    for batch in range(2):  # the second batch turns it off again: it started on
+        count.steps.clear()
+        count.step, off_at[:] = 0, []
+        got = Engine(model, prop).generate(prompts, 40)
+        assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+        per_k = got[0].metrics.steps_per_k
+        assert off_at and max(count.steps, default=0) < off_at[0] < got[0].metrics.num_steps - 10 or \
+            count.steps == [] and off_at == [1], (off_at, per_k)
+        if why == "margin":  # off at the first step
+            assert count.steps == [] and off_at == [1]
+        elif batch == 0:
+            assert per_k[1] >= 2 and count.steps, per_k  # drafted, then probed once
 
 
 # --- invariants under a changing depth ------------------------------------------------------------

@@ -16,9 +16,15 @@ step costs step_time(k, b) for the whole batch while only the active rows emit.
 Times between measured points are linear in n (along each measured batch) and then in b. Outside the
 measured range: below the smallest n or b the edge value holds (small steps are bound by reading the
 weights, not cheaper); above the largest the last segment continues, never falling (one point: flat).
-Online, each step's time refreshes its verify(k + 1, b) point by an exponential moving average. The
-engine does not time the MTP parts apart (that would need device syncs inside the step), so they stay
-as measured and whatever they miss lands in the verify point: step_time follows what steps take.
+Online, step times refresh the table: a plain step (k = 0) its verify(1, b) point; a drafting step
+the batch's `excess(b)`, what drafting steps take beyond the table's verify(k + 1, b) + MTP parts
+(the verifier, the hand-over of hidden states, a context shorter or longer than at warm-up), which
+step_time adds to every k >= 1. One excess for all depths, so that a depth not yet run is not
+predicted from its warm-up point alone (seen: k = 2 chosen at batch 4 on the strength of a table
+20% below what drafting steps took there). Each is a running mean over its first observations (the
+warm-up value counts as one; the excess starts at 0 and counts as none), then an exponential moving
+average with weight `alpha`. The engine does not time the MTP parts apart (that would need device
+syncs inside the step), so they stay as measured and what they miss lands in the excess.
 
 JSON (`to_json`, `from_json`; another tool reads it):
   {"device": str, "verify": [[n_tokens, batch, seconds], ...], "draft": [[batch, seconds], ...],
@@ -67,6 +73,7 @@ class Table:
     """Seconds at measured (n_tokens, batch) points."""
 
     points: dict[tuple[int, int], float] = field(default_factory=dict)
+    seen: dict[tuple[int, int], int] = field(default_factory=dict)  # step times folded into each point
 
     def batches(self) -> list[int]:
         return sorted({b for _, b in self.points})
@@ -78,13 +85,18 @@ class Table:
                      for pb in self.batches()]
         return _interp(per_batch, b)
 
-    def refresh(self, n: int, b: int, seconds: float, alpha: float) -> None:
-        """Move the (n, b) point towards `seconds`. A point not measured starts from the interpolation;
-        a new batch gets the whole row of n's, so its curve in n keeps the measured shape."""
+    def refresh(self, n: int, b: int, seconds: float, alpha: float, trust: int = 1) -> None:
+        """Move the (n, b) point towards `seconds`: by 1 / (observations + 1 + trust) while that is more
+        than `alpha` (the point's own value counts as `trust` observations), then by `alpha`; alpha 0:
+        never. A point not measured starts from the interpolation; a new batch gets the whole row of
+        n's, so its curve in n keeps the measured shape."""
         if (n, b) not in self.points:
             ns = {n} | ({pn for pn, _ in self.points} if b not in self.batches() else set())
             self.points.update({(m, b): self(m, b) for m in ns})
-        self.points[(n, b)] += alpha * (seconds - self.points[(n, b)])
+        seen = self.seen.get((n, b), 0)
+        self.seen[(n, b)] = seen + 1
+        weight = max(alpha, 1 / (seen + 1 + trust)) if alpha > 0 else 0.0
+        self.points[(n, b)] += weight * (seconds - self.points[(n, b)])
 
 
 @dataclass
@@ -94,6 +106,7 @@ class CostModel:
     draft_table: Table = field(default_factory=Table)  # n = 1 only
     extend_table: Table | None = None
     alpha: float = 0.1  # weight of each new step time in the moving average
+    excess_table: Table = field(default_factory=lambda: Table({(1, 1): 0.0}))  # online only, n = 1
 
     def verify(self, n: int, b: int) -> float:
         return self.verify_table(n, b)
@@ -104,10 +117,19 @@ class CostModel:
     def extend(self, n: int, b: int) -> float:
         return self.extend_table(n, b) if self.extend_table is not None else self.draft(b)
 
+    def excess(self, b: int) -> float:
+        return self.excess_table(1, b)
+
+    def forget(self, factor: float = 0.5) -> None:
+        """Shrink the excess towards 0 and let the next observations outweigh it: called per batch, so
+        that an excess learned once (then never re-measured where it turned drafting off) is re-checked."""
+        self.excess_table.points = {key: v * factor for key, v in self.excess_table.points.items()}
+        self.excess_table.seen.clear()
+
     def step_time(self, k: int, b: int) -> float:
         if k == 0:
             return self.verify(1, b)
-        return self.verify(k + 1, b) + self.extend(k + 1, b) + (k - 1) * self.draft(b)
+        return self.verify(k + 1, b) + self.extend(k + 1, b) + (k - 1) * self.draft(b) + self.excess(b)
 
     def tokens_per_s(self, p: Sequence[float], k: int, b: int, active: int | None = None) -> float:
         """Predicted throughput of a batch of b rows, `active` of them emitting (default all), all at p."""
@@ -115,8 +137,12 @@ class CostModel:
 
     def observe_step(self, k: int, b: int, seconds: float, mtp_seconds: float) -> None:
         """One step of depth k at batch b took `seconds`, `mtp_seconds` of them (by the table) in the
-        MTP layer: the rest refreshes verify(k + 1, b)."""
-        self.verify_table.refresh(k + 1, b, max(seconds - mtp_seconds, 0.0), self.alpha)
+        MTP layer: a plain step refreshes verify(1, b) (with any catch-up extend taken out), a drafting
+        step the excess at b."""
+        if k == 0:
+            self.verify_table.refresh(1, b, max(seconds - mtp_seconds, 0.0), self.alpha)
+        else:
+            self.excess_table.refresh(1, b, seconds - mtp_seconds - self.verify(k + 1, b), self.alpha, trust=0)
 
     # --- JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -242,13 +268,21 @@ class Acceptance:
         return self.trials[0] > 0
 
 
-def choose_depth(cost: CostModel, batch: int, rows: Sequence[Sequence[float]], k_max: int) -> int:
-    """The depth 0..k_max with the highest predicted throughput of the whole batch: the active rows'
-    expected tokens (each from its own acceptance `rows[i]`) over one step's time at `batch` rows.
-    Ties go to the shallower depth."""
+def depth_rates(cost: CostModel, batch: int, rows: Sequence[Sequence[float]], k_max: int) -> list[float]:
+    """Predicted tokens per second of the whole batch at each depth 0..k_max: the active rows'
+    expected tokens (each from its own acceptance `rows[i]`) over one step's time at `batch` rows."""
+    return [sum(expected_tokens(p, k) for p in rows) / cost.step_time(k, batch) for k in range(k_max + 1)]
+
+
+def best_depth(rates: Sequence[float]) -> int:
+    """The depth with the highest rate; ties go to the shallower depth."""
     best_k, best = 0, -1.0
-    for k in range(k_max + 1):
-        rate = sum(expected_tokens(p, k) for p in rows) / cost.step_time(k, batch)
+    for k, rate in enumerate(rates):
         if rate > best * (1 + 1e-9):
             best_k, best = k, rate
     return best_k
+
+
+def choose_depth(cost: CostModel, batch: int, rows: Sequence[Sequence[float]], k_max: int) -> int:
+    """The depth 0..k_max with the highest predicted throughput (`depth_rates`)."""
+    return best_depth(depth_rates(cost, batch, rows, k_max))

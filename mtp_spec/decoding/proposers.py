@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import mtp_spec.parallel as parallel
-from mtp_spec.decoding.cost import DEFAULT_PRIOR, Acceptance, CostModel, choose_depth, measure
+from mtp_spec.decoding.cost import DEFAULT_PRIOR, Acceptance, CostModel, best_depth, depth_rates, measure
 from mtp_spec.decoding.sampling import SamplingParams, probs
 from mtp_spec.decoding.verify import DraftBatch, Drafts, sample_rows, tree_of
 
@@ -172,15 +172,29 @@ class AutoMTPProposer(MTPProposer):
 
     k = 0 is plain decoding: the MTP layer does not run and the committed pairs wait for the next draft
     extend, which takes them all; after `lag` waiting tokens a k = 0 step extends them anyway, so the
-    extend stays step-sized and the cache bounded. Acceptance per position is kept per row as Beta
+    extend stays step-sized and the cache bounded (once the prompts' own extend has run: until a
+    step drafts, they and what follows them wait). Acceptance per position is kept per row as Beta
     counts, starting from `prior` (default DEFAULT_PRIOR at every position) or, once this proposer has
     served requests, from what they accepted. A depth that never runs is never measured again (its
     acceptance past the current depth, its time), so after `probe_every` steps in a row at one depth,
     one step runs a neighbouring depth, deeper and shallower in turn.
+
+    From plain decoding (and at the start of a batch) a depth k > 0 is taken only when it is predicted
+    `switch_on` times faster: the first drafting step extends everything that waited, the prompts at
+    first, and the timings on a shared machine are noisy.
+
+    Even at k = 0 the MTP layer costs something (its catch-up extends, the probes). Where speculation
+    does not pay for a batch, that is all it adds, so the proposer turns it off for the rest of the
+    batch: when `probe_every` plain steps in a row come due for a probe and no depth is predicted
+    within `margin` of plain decoding's throughput, or `max_probes` probes from depth 0 already
+    changed nothing, or no step of the batch has drafted yet (a probe would first run the MTP layer
+    over the prompts); at once when nothing has drafted yet and no depth comes within `margin`. From then on the batch decodes plainly (pending pairs dropped, no extend, no
+    probe); rows that finish only make speculation pay less. The next batch starts afresh.
     `cost`: a CostModel (e.g. CostModel.load), used as given and refreshed online; None: measured now."""
 
     def __init__(self, model, k_max: int = 4, cost: CostModel | None = None, prior: Sequence[float] | None = None,
-                 sample_drafts: bool = True, probe_every: int = 16):
+                 sample_drafts: bool = True, probe_every: int = 16, margin: float = 0.9, max_probes: int = 1,
+                 switch_on: float = 1.1):
         super().__init__(model, k_max, sample_drafts)
         prior = [DEFAULT_PRIOR] * k_max if prior is None else list(prior)
         if not prior or not all(0 <= p <= 1 for p in prior):
@@ -188,37 +202,68 @@ class AutoMTPProposer(MTPProposer):
         if probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {probe_every}")
         self.k_max, self.probe_every, self.lag = k_max, probe_every, 2 * (k_max + 1)
+        self.margin, self.max_probes, self.switch_on = margin, max_probes, switch_on
         self.prior = (prior + [prior[-1]] * k_max)[:k_max]
         self.record = Acceptance(self.prior)  # every request served so far
         self.cost = cost if cost is not None else measure(model, (1, 4), range(1, k_max + 2),
                                                           max_len=min(256, model.max_len))
         self.depth = 0
 
+    @property
+    def wants_hidden(self) -> bool:  # once off, the engine need not hand over hidden states
+        return not getattr(self, "off", False)
+
     def reset(self, batch: int, max_len: int) -> None:
         super().reset(batch, max_len)
+        self.cost.forget()
         prior = self.record.means() if self.record.observed else self.prior
         self.rows = [Acceptance(prior) for _ in range(batch)]
         self.streak = (-1, 0)  # the depth chosen last and for how many steps in a row
         self.probe_up = False
         self.ran: tuple[int, int] | None = None  # (k, extend width) of the step in flight; None: untimed
         self.timed: set[tuple[int, int]] = set()
+        self.off = False  # speculation turned off for the rest of this batch
+        self.idle_probes = 0  # probes from depth 0 since the chooser last picked a depth > 0 itself
 
     def choose(self, st: DecodeState) -> int:
-        """The depth of the next step, from the active rows' acceptance and the cost model."""
+        """The depth of the next step, from the active rows' acceptance and the cost model; -1: turn
+        speculation off for the rest of the batch. Timings differ per rank, so rank 0's choice is
+        everyone's."""
         rows = [r.means() for r, a in zip(self.rows, st.active) if a]
-        k = choose_depth(self.cost, len(st.tokens), rows, self.k_max)
+        rates = depth_rates(self.cost, len(st.tokens), rows, self.k_max)
+        k = best_depth(rates)
         last, run = self.streak
+        if last <= 0 and rates[k] < self.switch_on * rates[0]:
+            k = 0  # starting to draft costs an extend of all that waits (at first the prompts): not for a hair
         run = run + 1 if k == last else 1
         self.streak = (k, run % (self.probe_every + 1))
+        if k:
+            self.idle_probes = 0
+        far = max(rates[1:], default=0.0) < self.margin * rates[0]
+        if k == 0 and self.first and far:  # nothing drafted yet and nothing near: no need to wait
+            return parallel.broadcast_int(-1)
         if run <= self.probe_every:
-            return parallel.broadcast_int(k)  # timings differ per rank: rank 0's choice is everyone's
+            return parallel.broadcast_int(k)
+        # off where no depth comes near, where probing changed nothing, or where a probe would first
+        # have to run the prompts' extend (a prefill of the MTP layer: at a large batch, many steps' time)
+        if k == 0 and (self.first or self.idle_probes >= self.max_probes or far):
+            return parallel.broadcast_int(-1)
         # a depth that never runs is never measured again: probe a neighbour, deeper and shallower in turn
         self.probe_up = not self.probe_up
+        self.idle_probes += k == 0
         return parallel.broadcast_int(k + 1 if k == 0 or (self.probe_up and k < self.k_max) else k - 1)
 
     @torch.no_grad()
     def propose(self, st, sp):
-        k = self.depth = self.choose(st)
+        if not self.off:
+            k = self.choose(st)
+            self.off = k < 0
+            if self.off:
+                self.pending = None  # the MTP layer will not run again for this batch
+        if self.off:
+            self.depth, self.ran = 0, (0, 0)
+            return None
+        self.depth = k
         first = self.first
         self._queue(st)
         width = self.pending[1].shape[1]
@@ -227,7 +272,9 @@ class AutoMTPProposer(MTPProposer):
             drafts = self._draft_from(logits, h, st, sp, k)
         else:
             drafts = None
-            if width >= self.lag:  # catch up, so the waiting tokens stay step-sized
+            # catch up, so the waiting tokens stay step-sized; but not the prompts before a draft
+            # needs them: the batch may turn speculation off first
+            if width >= self.lag and not self.first:
                 self._flush()
             else:
                 width = 0

@@ -110,15 +110,19 @@ class Runner:
                               part="main", max_len=self.model.max_len, compile=exp.compile)
 
     def proposer(self, cell: Cell):
-        from mtp_spec.decoding.strategies import make_proposer
+        from mtp_spec.decoding.strategies import AUTO_K_MAX, make_proposer
 
         spec = next((s for s in self.exp.strategies if s.name == cell.strategy), None)
         if self.heads is not None and cell.strategy in ("mtp", "mtp-tree"):
             self.heads.use(cell.draft_vocab)  # before the proposer: k=auto measures the draft step it gets
         if cell.k == "auto":  # one per draft vocabulary: its cost table is measured once, and its
             # acceptance prior learns from every request it serves (reset() starts each batch)
-            if cell.draft_vocab not in self.auto:
-                self.auto[cell.draft_vocab] = make_proposer(cell.strategy, self.model, "auto")
+            if cell.draft_vocab not in self.auto:  # measured at the run's batch sizes, not extrapolated
+                from mtp_spec.decoding.cost import measure
+
+                cost = measure(self.model, sorted(set(self.exp.sweep.batch_size)), range(1, AUTO_K_MAX + 2),
+                               max_len=min(256, self.model.max_len))
+                self.auto[cell.draft_vocab] = make_proposer(cell.strategy, self.model, "auto", cost=cost)
             return self.auto[cell.draft_vocab]
         return make_proposer(cell.strategy, self.model, cell.k, cell.tree_width, self.draft,
                              spec.ngram_max if spec else 3)
@@ -449,6 +453,7 @@ def _record(cell: Cell, prompt: dict, r, wall: float, batch_tokens: int, runner:
         "token_ids": r.token_ids, "finish_reason": r.finish_reason, "num_generated": m.num_generated,
         "num_steps": m.num_steps, "num_drafts": m.num_drafts, "num_draft_tokens": m.num_draft_tokens,
         "num_accepted_tokens": m.num_accepted_tokens, "accepted_per_pos": m.accepted_per_pos,
+        "steps_per_k": m.steps_per_k,
         "acceptance_len": m.acceptance_len, "acceptance_rate": m.acceptance_rate, "ttft_s": m.ttft_s,
         "tpot_s": m.tpot_s, "total_s": m.total_s, "tokens_per_s": m.tokens_per_s, "batch_wall_s": wall,
         "batch_tokens_per_s": batch_tokens / wall if wall > 0 else 0.0, "lossless": None, "lossy": r.lossy,
