@@ -188,8 +188,9 @@ class AutoMTPProposer(MTPProposer):
     batch: when `probe_every` plain steps in a row come due for a probe and no depth is predicted
     within `margin` of plain decoding's throughput, or `max_probes` probes from depth 0 already
     changed nothing, or no step of the batch has drafted yet (a probe would first run the MTP layer
-    over the prompts); at once when nothing has drafted yet and no depth comes within `margin`. From then on the batch decodes plainly (pending pairs dropped, no extend, no
-    probe); rows that finish only make speculation pay less. The next batch starts afresh.
+    over the prompts); at once when nothing has drafted yet and no depth comes within `margin`. From
+    then on the batch decodes plainly (pending pairs dropped, no extend, no probe, no hidden states
+    handed over); rows that finish only make speculation pay less. The next batch starts afresh.
     `cost`: a CostModel (e.g. CostModel.load), used as given and refreshed online; None: measured now."""
 
     def __init__(self, model, k_max: int = 4, cost: CostModel | None = None, prior: Sequence[float] | None = None,
