@@ -4,12 +4,15 @@ Decode and verification multiply a handful of rows by every weight. MKL and oneD
 memory limit there, and bf16 on AVX2 CPUs is worse: 4 rows cost ~3.5x one row
 (experiments/bench_linear.py), so a verify of k+1 tokens costs nearly k+1 decode steps and
 speculation cannot pay. This kernel streams each weight row once (prefetching ahead), converts bf16
-to fp32 in registers, and keeps two 8-lane accumulators per input row: memory-bound up to M = 16.
+to fp32 in registers, and keeps two 8-lane accumulators per input row, up to 4 input rows per pass
+over a weight row (more rows take further passes over the same row, then in L1): memory-bound up to
+M = 4 and no register spills above (16 rows in one pass spilled and cost twice as much).
 
 Every output element is reduced in the same order whatever M is (16-wide chunks alternating between
 two accumulators, their sum, a fixed horizontal sum, then the K % 16 tail in order), so a row's
 result does not depend on which other rows share the call: a verify of k+1 tokens rounds exactly as
-k+1 single-token decodes would (batch invariance).
+k+1 single-token decodes would (batch invariance). The attention kernel gives each (batch row, KV
+head, query position) its own task and sums its dot products in a fixed order, for the same reason.
 
 The kernel is plain C with AVX2 intrinsics and OpenMP, compiled with the system's C compiler on first
 use (about a second) into ~/.cache/mtp-spec/kernels and called through ctypes; `available()` says
@@ -54,9 +57,9 @@ static inline float hsum(__m256 v) {  /* (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), 
 }
 
 #define ROW(M, T)                                                                                   \
-static void row_##T##_##M(const float* __restrict x, const T##_t* __restrict w, float* __restrict y, \
+static void row_##T##_##M(const float* __restrict x, const void* w, float* __restrict y,             \
                           int64_t N, int64_t K, int64_t n) {                                        \
-  const T##_t* row = w + n * K;                                                                     \
+  const T##_t* row = (const T##_t*)w + n * K;                                                       \
   __m256 a0[M], a1[M];                                                                              \
   for (int m = 0; m < M; ++m) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }        \
   int64_t k = 0;                                                                                    \
@@ -77,80 +80,86 @@ static void row_##T##_##M(const float* __restrict x, const T##_t* __restrict w, 
 typedef uint16_t bf16_t;
 typedef float f32_t;
 #define BOTH(M) ROW(M, bf16) ROW(M, f32)
-BOTH(1) BOTH(2) BOTH(3) BOTH(4) BOTH(5) BOTH(6) BOTH(7) BOTH(8)
-BOTH(9) BOTH(10) BOTH(11) BOTH(12) BOTH(13) BOTH(14) BOTH(15) BOTH(16)
+BOTH(1) BOTH(2) BOTH(3) BOTH(4)
 
-#define CASE(M, T) case M: _Pragma("omp parallel for num_threads(nt) schedule(static)")               \
-  for (int64_t n = 0; n < N; ++n) row_##T##_##M(x, (const T##_t*)w, y, N, K, n); return 0;
-#define CASES(T) CASE(1, T) CASE(2, T) CASE(3, T) CASE(4, T) CASE(5, T) CASE(6, T) CASE(7, T) CASE(8, T) \
-  CASE(9, T) CASE(10, T) CASE(11, T) CASE(12, T) CASE(13, T) CASE(14, T) CASE(15, T) CASE(16, T)
+typedef void (*row_fn)(const float*, const void*, float*, int64_t, int64_t, int64_t);
+static const row_fn ROWS[2][5] = {
+  {0, row_f32_1, row_f32_2, row_f32_3, row_f32_4}, {0, row_bf16_1, row_bf16_2, row_bf16_3, row_bf16_4}};
 
+/* Up to 4 input rows per pass over a weight row (two accumulators each: 8 + 2 of AVX2's 16
+   registers; 16 input rows at once spilled and cost 2x); more rows take further passes over the
+   same weight row, which is then in L1, so the weights are still read from memory once. */
 int small_m_linear(const float* x, const void* w, float* y, int64_t M, int64_t N, int64_t K, int bf16, int nt) {
-  if (bf16) { switch (M) { CASES(bf16) } } else { switch (M) { CASES(f32) } }
-  return 1;
+  if (M < 1 || M > 16) return 1;
+  const row_fn* fns = ROWS[bf16];
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mm = M - m0 < 4 ? M - m0 : 4;
+      fns[mm](x + m0 * K, w, y + m0 * N, N, K, n);
+    }
+  return 0;
 }
 
-/* Attention of few queries over a cache, one (batch, query, head) per task: scores over the unmasked
-   slots, softmax, weighted sum of values. Keys and values are strided views (GQA: head h reads KV
-   head h / (H / KVH); MLA: one KV head whose value is the first Dv entries of the key). */
 static inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
+  /* four accumulators (chunk i of 8 goes to accumulator i % 4), summed (0+1)+(2+3): a fixed order */
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+  }
+  if (i + 8 <= n) { acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0); i += 8; }
+  if (i + 8 <= n) { acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc1); i += 8; }
+  if (i + 8 <= n) { acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc2); i += 8; }
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
+/* One task per (batch row, KV head, query position): the heads of a GQA group at one position read
+   that KV head's keys and values once (several positions read them again, from cache). Tasks write
+   disjoint outputs, so a query's result does not depend on the other queries in the call. */
 void attention(const float* q, const float* k, const float* v, const uint8_t* mask, float* out,
                int64_t B, int64_t S, int64_t H, int64_t KVH, int64_t Dk, int64_t Dv, int64_t T,
                int64_t kb, int64_t kt, int64_t kh, int64_t vb, int64_t vt, int64_t vh, float scale, int nt) {
-  const int64_t group = H / KVH, nq = S * group;  /* the queries that share one KV head */
+  const int64_t group = H / KVH;
 #pragma omp parallel num_threads(nt)
   {
-    float* p = (float*)malloc(sizeof(float) * T * nq);
-    float* mx = (float*)malloc(sizeof(float) * nq);
-    float* sum = (float*)malloc(sizeof(float) * nq);
+    float* p = (float*)malloc(sizeof(float) * T * group);
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < B * KVH; ++task) {  /* each key and value row is read once per task */
-      const int64_t b = task / KVH, g = task % KVH;
+    for (int64_t task = 0; task < B * KVH * S; ++task) {
+      const int64_t b = task / (KVH * S), g = (task / S) % KVH, s = task % S;
       const float* kr = k + b * kb + g * kh;
       const float* vr = v + b * vb + g * vh;
-      for (int64_t i = 0; i < nq; ++i) { mx[i] = -INFINITY; sum[i] = 0.f; }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* kk = kr + t * kt;
-        for (int64_t i = 0; i < nq; ++i) {
-          const int64_t s = i / group, h = g * group + i % group;
-          if (!mask[(b * S + s) * T + t]) continue;
-          const float sc = dot(q + ((b * S + s) * H + h) * Dk, kk, Dk) * scale;
-          p[i * T + t] = sc;
-          if (sc > mx[i]) mx[i] = sc;
-        }
-      }
-      for (int64_t i = 0; i < nq; ++i) {
-        const int64_t s = i / group;
-        const uint8_t* mr = mask + (b * S + s) * T;
+      const uint8_t* mr = mask + (b * S + s) * T;
+      for (int64_t i = 0; i < group; ++i) {
+        const int64_t h = g * group + i;
+        const float* qq = q + ((b * S + s) * H + h) * Dk;
+        float* pi = p + i * T;
+        float mx = -INFINITY, sum = 0.f;
         for (int64_t t = 0; t < T; ++t)
-          if (mr[t]) { p[i * T + t] = expf(p[i * T + t] - mx[i]); sum[i] += p[i * T + t]; }
-        const int64_t h = g * group + i % group;
+          if (mr[t]) { pi[t] = dot(qq, kr + t * kt, Dk) * scale; if (pi[t] > mx) mx = pi[t]; }
+        for (int64_t t = 0; t < T; ++t)
+          if (mr[t]) { pi[t] = expf(pi[t] - mx); sum += pi[t]; }
+        const float inv = 1.f / sum;
         float* o = out + ((b * S + s) * H + h) * Dv;
         for (int64_t d = 0; d < Dv; ++d) o[d] = 0.f;
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* vv = vr + t * vt;
-        for (int64_t i = 0; i < nq; ++i) {
-          const int64_t s = i / group, h = g * group + i % group;
-          if (!mask[(b * S + s) * T + t]) continue;
-          const __m256 w = _mm256_set1_ps(p[i * T + t] / sum[i]);
-          float* o = out + ((b * S + s) * H + h) * Dv;
+        for (int64_t t = 0; t < T; ++t) {
+          if (!mr[t]) continue;
+          const float wt = pi[t] * inv;
+          const __m256 wv = _mm256_set1_ps(wt);
+          const float* vv = vr + t * vt;
           int64_t d = 0;
           for (; d + 8 <= Dv; d += 8)
-            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + d), _mm256_loadu_ps(o + d)));
-          for (; d < Dv; ++d) o[d] += (p[i * T + t] / sum[i]) * vv[d];
+            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vv + d), _mm256_loadu_ps(o + d)));
+          for (; d < Dv; ++d) o[d] += wt * vv[d];
         }
       }
     }
-    free(p); free(mx); free(sum);
+    free(p);
   }
 }
 """

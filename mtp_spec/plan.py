@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mtp_spec.config import ModelArgs
-from mtp_spec.decoding.cost import expected_tokens
+from mtp_spec.decoding.cost import CostModel, expected_tokens
 
 GB = 1e9
 GIB = 2**30
@@ -456,49 +456,58 @@ def acceptance_from_run(path: str | os.PathLike, strategy: str = "mtp", temperat
 
 @dataclass(frozen=True)
 class MeasuredCosts:
-    """Seconds per forward, measured: verify[(n_tokens, batch)] (n=1 is plain decode) and
-    draft[batch] (one MTP draft step). JSON: {"device", "verify": [[n, b, s], ...], "draft": [[b, s], ...]}."""
+    """A measured cost table (decoding/cost.py's `CostModel`: the costs.json `mtp-spec run` writes, or
+    experiments/validate_projection.py's) read at its measured points only: a projection does not
+    interpolate, cells the table lacks are left out. A depth-k step is what the MTP proposer runs:
+    verify(k + 1, b) + extend(k + 1, b) + (k - 1) draft(b) where the table has extends, else
+    verify(k + 1, b) + k draft(b)."""
 
-    device: str
-    verify: dict[tuple[int, int], float]
-    draft: dict[int, float]
+    cost: CostModel
+
+    @property
+    def device(self) -> str:
+        return self.cost.device
+
+    @property
+    def verify(self) -> dict[tuple[int, int], float]:
+        return dict(self.cost.verify_table.points)
+
+    @property
+    def draft(self) -> dict[int, float]:
+        return {b: s for (_, b), s in self.cost.draft_table.points.items()}
 
     def verify_s(self, n: int, b: int) -> float | None:
-        return self.verify.get((n, b))
+        return self.cost.verify_table.points.get((n, b))
 
     def draft_s(self, b: int) -> float | None:
-        return self.draft.get(b)
+        return self.cost.draft_table.points.get((1, b))
+
+    def mtp_s(self, k: int, b: int) -> float | None:
+        """The MTP layer's share of a depth-k step."""
+        if k == 0:
+            return 0.0
+        d = self.draft_s(b)
+        ext = self.cost.extend_table.points.get((k + 1, b)) if self.cost.extend_table is not None else None
+        if ext is not None:
+            return ext if k == 1 else None if d is None else ext + (k - 1) * d
+        return None if d is None else k * d
 
     @property
     def batches(self) -> list[int]:
-        return sorted({b for n, b in self.verify if n == 1})
+        return sorted({b for n, b in self.cost.verify_table.points if n == 1})
 
     def describe(self) -> str:
         return f"measured cost table ({self.device})"
 
     def to_json(self) -> dict:
-        return {"device": self.device, "verify": [[n, b, s] for (n, b), s in sorted(self.verify.items())],
-                "draft": [[b, s] for b, s in sorted(self.draft.items())]}
+        return self.cost.to_json()
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "cost table") -> MeasuredCosts:
-        def bad(why: str):
-            return ValueError(f"{source}: {why}")
-
-        if not isinstance(obj, dict) or not isinstance(obj.get("device"), str):
-            raise bad("expected an object with 'device' (string), 'verify' and 'draft'")
-        verify, draft = {}, {}
-        for row in obj.get("verify") or []:
-            if not (isinstance(row, list) and len(row) == 3 and all(_num(x) for x in row)) or row[2] <= 0:
-                raise bad(f"field 'verify': each entry must be [n_tokens, batch, seconds > 0], got {row!r}")
-            verify[(int(row[0]), int(row[1]))] = float(row[2])
-        for row in obj.get("draft") or []:
-            if not (isinstance(row, list) and len(row) == 2 and all(_num(x) for x in row)) or row[1] <= 0:
-                raise bad(f"field 'draft': each entry must be [batch, seconds > 0], got {row!r}")
-            draft[int(row[0])] = float(row[1])
-        if not any(n == 1 for n, _ in verify):
-            raise bad("field 'verify' has no n_tokens = 1 entry (plain decode), the baseline")
-        return cls(obj["device"], verify, draft)
+        costs = cls(CostModel.from_json(obj, source))
+        if not costs.batches:
+            raise ValueError(f"{source}: 'verify' has no n_tokens = 1 entry (plain decode), the baseline")
+        return costs
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MeasuredCosts:
@@ -587,6 +596,11 @@ class BandwidthModel:
         """One MTP draft step: the MTP layer (eh_proj, its block, its head) over b rows of one token."""
         return self._time(True, b, b, 1, 1 if self.args.n_routed_experts else 0)
 
+    def mtp_s(self, k: int, b: int) -> float:
+        """The MTP layer's share of a depth-k step: k passes that each read its weights (the extend's
+        few extra tokens per row cost no more reads than a draft step's one)."""
+        return k * self.draft_s(b)
+
 
 @dataclass(frozen=True)
 class Projection:
@@ -603,19 +617,20 @@ class Projection:
 def project(costs, cond: Sequence[float], ks: Sequence[int], batches: Sequence[int],
             overhead_s: float = 0.0) -> list[Projection]:
     """Decode speedup per (k, batch): tokens/step = 1 + sum_j prod_{i<=j} p_i; time/step =
-    verify(k+1, b) + k * draft(b) (+ a host overhead per step); speedup = (tokens/step / time) /
-    (1 / verify(1, b)). Cells the cost table lacks are left out."""
+    verify(k+1, b) + the MTP layer's share (`costs.mtp_s`) (+ a host overhead per step); speedup =
+    (tokens/step / time) / (1 / verify(1, b)). Cells the cost table lacks are left out."""
     out = []
     for b in batches:
         base = costs.verify_s(1, b)
         if base is None:
             continue
         for k in ks:
-            v, d = costs.verify_s(k + 1, b), costs.draft_s(b) if k else 0.0
-            if v is None or d is None:
+            v, m = costs.verify_s(k + 1, b), costs.mtp_s(k, b)
+            if v is None or m is None:
                 continue
-            step = v + k * d + overhead_s
+            step = v + m + overhead_s
             tokens = expected_tokens(cond, k)
+            d = (costs.draft_s(b) or 0.0) if k else 0.0
             out.append(Projection(k, b, tokens, v, d, step, base + overhead_s, tokens / step * (base + overhead_s)))
     return out
 

@@ -133,6 +133,11 @@ def test_projection_from_a_measured_table():
     assert cells[2].speedup == pytest.approx(2.2 / 1.4)
     with_host = {c.k: c for c in plan.project(costs, [0.8, 0.5], [1], [1], overhead_s=0.5)}
     assert with_host[1].speedup == pytest.approx(1.8 / 1.7 * 1.5)  # the host time lands on both steps
+    # with extends (as `mtp-spec run` measures them): extend(k + 1) + (k - 1) draft steps
+    costs = plan.MeasuredCosts.from_json({"device": "test", "verify": [[1, 1, 1.0], [2, 1, 1.1], [3, 1, 1.2]],
+                                          "draft": [[1, 0.1]], "extend": [[2, 1, 0.3], [3, 1, 0.2]]})
+    cells = {c.k: c for c in plan.project(costs, [0.8, 0.5], range(3), [1])}
+    assert cells[1].speedup == pytest.approx(1.8 / 1.4) and cells[2].speedup == pytest.approx(2.2 / 1.5)
 
 
 def test_acceptance_pools_runs_of_different_k_per_position(tmp_path):
@@ -149,8 +154,10 @@ def test_bad_projection_inputs_name_the_argument(tmp_path):
         plan.parse_acceptance("0.8,1.2")
     with pytest.raises(ValueError, match="--run"):
         plan.acceptance_from_run(tmp_path)
-    with pytest.raises(ValueError, match="field 'verify'"):
-        plan.MeasuredCosts.from_json({"device": "x", "verify": [[1, 1, -1]]})
+    with pytest.raises(ValueError, match="'verify' row"):
+        plan.MeasuredCosts.from_json({"device": "x", "verify": [[1, 1, -1]], "draft": [[1, 0.1]]})
+    with pytest.raises(ValueError, match="no n_tokens = 1 entry"):
+        plan.MeasuredCosts.from_json({"device": "x", "verify": [[2, 1, 1.0]], "draft": [[1, 0.1]]})
     with pytest.raises(ValueError, match="--gpus 8x96GB"):
         plan.BandwidthModel(V3, plan.parse_gpus("8x96GB"))
 

@@ -110,11 +110,11 @@ def drift(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pool(g: pd.DataFrame) -> pd.Series:
-    drafts = g["num_drafts"].sum()
+    drafts = int(g["num_drafts"].sum())  # a Python number: the summary CSV prints lists of plain floats
     dtoks = g["num_draft_tokens"].sum()
     acc = g["num_accepted_tokens"].sum()
     width = max((len(x) for x in g["accepted_per_pos"]), default=0)
-    per_pos = [sum(x[i] if i < len(x) else 0 for x in g["accepted_per_pos"]) for i in range(width)]
+    per_pos = [int(sum(x[i] if i < len(x) else 0 for x in g["accepted_per_pos"])) for i in range(width)]
     rep = g.groupby("repeat")["batch_tokens_per_s"].mean()
     return pd.Series({
         "requests": len(g), "AL": 1 + acc / drafts if drafts else 1.0, "AR": acc / dtoks if dtoks else float("nan"),
