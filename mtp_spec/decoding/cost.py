@@ -196,22 +196,26 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _seconds(dev: torch.device, repeats: int, fn, *args, **kwargs) -> float:
-    """Median time of fn(*args, **kwargs) after one warm-up call (compilation, first allocations)."""
-    fn(*args, **kwargs)
-    _sync(dev)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _timed(dev: torch.device, repeats: int, calls: list) -> list[float]:
+    """Median seconds of each (fn, args, kwargs) in `calls`, after one warm-up call each (compilation,
+    first allocations). The calls take turns, repeat by repeat, so that a machine that changes speed
+    meanwhile moves every point alike: the table's ratios are what the choice of depth reads."""
+    for fn, args, kwargs in calls:
         fn(*args, **kwargs)
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return min(times)  # the least disturbed run: the machine may be shared
+    _sync(dev)
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, (fn, args, kwargs) in enumerate(calls):
+            t0 = time.perf_counter()
+            fn(*args, **kwargs)
+            _sync(dev)
+            times[i].append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 @torch.no_grad()
 def measure(model, batches: Sequence[int] = (1, 4), tokens: Sequence[int] = (1, 2, 3, 4, 5),
-            max_len: int = 256, repeats: int = 3, into: CostModel | None = None) -> CostModel:
+            max_len: int = 256, repeats: int = 5, into: CostModel | None = None) -> CostModel:
     """Time verify(n, b), extend(n, b) and draft(b) on the model's step path (as loaded: compiled or
     not) in scratch caches `max_len` long and half full, adding the points to `into` (or a new model)."""
     dev = next(model.parameters()).device
@@ -219,23 +223,28 @@ def measure(model, batches: Sequence[int] = (1, 4), tokens: Sequence[int] = (1, 
     if cost.extend_table is None:
         cost.extend_table = Table()
     g = torch.Generator().manual_seed(0)
-    time_of = lambda *a, **kw: _seconds(dev, repeats, *a, **kw)
     for b in batches:
         cache = model.new_cache(b, max_len)
         cache.lengths.fill_(max_len // 2)
         mtp_cache = model.mtp.new_cache(b, max_len) if model.mtp is not None else None
+        keys, calls = [], []
         for n in tokens:
             x = torch.randint(0, model.args.vocab_size, (b, n), generator=g).to(dev)
-            cost.verify_table.points[(n, b)] = time_of(model, x, cache=cache, step=True)
+            keys.append((cost.verify_table, (n, b)))
+            calls.append((model, (x,), {"cache": cache, "step": True}))
             if mtp_cache is None:
                 continue
             h = model(x, cache=cache, step=True).hidden_states
             last = torch.full((b, 1), n - 1, device=dev)
-            cost.extend_table.points[(n, b)] = time_of(model.mtp, x, h, depth=0, cache=mtp_cache,
-                                                       start=cache.lengths, logits_at=last, step=True)
+            keys.append((cost.extend_table, (n, b)))
+            calls.append((model.mtp, (x, h), {"depth": 0, "cache": mtp_cache, "start": cache.lengths,
+                                              "logits_at": last, "step": True}))
             if n == 1:
-                cost.draft_table.points[(1, b)] = time_of(model.mtp, x, h, depth=1, cache=mtp_cache,
-                                                          start=cache.lengths, step=True)
+                keys.append((cost.draft_table, (1, b)))
+                calls.append((model.mtp, (x, h), {"depth": 1, "cache": mtp_cache, "start": cache.lengths,
+                                                  "step": True}))
+        for (table, key), seconds in zip(keys, _timed(dev, repeats, calls)):
+            table.points[key] = seconds
     return cost
 
 
