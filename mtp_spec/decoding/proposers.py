@@ -204,6 +204,7 @@ class AutoMTPProposer(MTPProposer):
             raise ValueError(f"probe_every must be >= 1, got {probe_every}")
         self.k_max, self.probe_every, self.lag = k_max, probe_every, 2 * (k_max + 1)
         self.margin, self.max_probes, self.switch_on = margin, max_probes, switch_on
+        self.off = False  # speculation turned off for the rest of the batch (reset() starts each batch on)
         self.prior = (prior + [prior[-1]] * k_max)[:k_max]
         self.record = Acceptance(self.prior)  # every request served so far
         self.cost = cost if cost is not None else measure(model, (1, 4), range(1, k_max + 2),
@@ -212,7 +213,7 @@ class AutoMTPProposer(MTPProposer):
 
     @property
     def wants_hidden(self) -> bool:  # once off, the engine need not hand over hidden states
-        return not getattr(self, "off", False)
+        return not self.off
 
     def reset(self, batch: int, max_len: int) -> None:
         super().reset(batch, max_len)
