@@ -7,9 +7,11 @@ Every ratio is measured in this one run, strategies interleaved per prompt (rota
    acceptance, the median per-prompt speedup over our vanilla with a 95% CI, and the lossless column
    (outputs equal to our vanilla, with numerical ties reported separately);
 2. step costs: a verify of s tokens and the MTP steps relative to one decode step;
-3. float32 weights: vanilla vs mtp on a few prompts (must be equal: 0 divergences).
+3. float32 weights: vanilla vs mtp on a few prompts (must be equal: 0 divergences);
+4. with --kernels, where the CPU has AVX-512 BF16: vanilla and mtp k=1..3 on the code prompts with
+   each kernel for bf16 weights (kernels/cpu_linear.py), interleaved, and the step costs of each.
 
-    python experiments/bench_smollm2.py [--n-code 9] [--n-chat 6] [--max-new 96] [--json out.json]
+    python experiments/bench_smollm2.py [--n-code 9] [--n-chat 6] [--max-new 96] [--kernels] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _bench import interleaved, peer_runners, predicted_speedup, step_costs, summary  # noqa: E402
 
 import mtp_spec  # noqa: E402
+import mtp_spec.kernels.cpu_linear as C  # noqa: E402
 from mtp_spec.decoding.engine import Engine  # noqa: E402
 from mtp_spec.decoding.strategies import make_proposer  # noqa: E402
 from mtp_spec.experiment.schema import load_prompts, resolve_suite  # noqa: E402
@@ -54,13 +58,14 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="also compare the two bf16 kernels (section 4)")
     ap.add_argument("--json", help="write every number here too")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     path = resolve_model(a.model)
     tok = load_tokenizer(path)
     model = mtp_spec.load(path, dtype=torch.bfloat16, max_len=1024, compile="auto")
-    print(f"# {path.name}: bf16 weights, fp32 activations, CPU kernels {model.steps.small_m}, "
+    print(f"# {path.name}: bf16 weights, fp32 activations, CPU kernel {C.kind()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, batch 1, greedy, {a.max_new} new tokens\n")
     suites = {"code": load_prompts(resolve_suite("code"))[:: max(1, 120 // a.n_code)][: a.n_code],
               "chat": load_prompts(resolve_suite("chat"))[:: max(1, 60 // a.n_chat)][: a.n_chat]}
@@ -123,8 +128,57 @@ def main() -> None:
     print(f"\n## float32 weights: divergences from vanilla over {len(prompts)} prompts: "
           + ", ".join(f"mtp k={k}: {v}" for k, v in div.items()))
     report["fp32_divergences"] = div
+    if a.kernels and C.bf16_dot_kernel() is not None:
+        code = [tok.encode(r["prompt"]) for r in suites["code"]]
+        report["kernels"] = kernel_ab(model, code, lambda m, s, k, p: _run(m, s, k, p, a.max_new, tok.eos_id))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2, default=str))
+
+
+def _run(model, strategy: str, k: int, prompt, max_new: int, eos_id: int):
+    proposer = make_proposer(strategy, model, k, 2) if strategy != "vanilla" else None
+    return Engine(model, proposer).generate([prompt], max_new, eos_id=eos_id)[0]
+
+
+def kernel_ab(model, prompts, run) -> dict:
+    """Vanilla and mtp k=1..3 with each kernel for bf16 weights, interleaved per prompt; step costs."""
+    dot, default = C.bf16_dot_kernel(), C._build_dot()
+
+    def with_kernel(lib, strategy, k):
+        def go(p):
+            C._dot = lib
+            try:
+                return run(model, strategy, k, p)
+            finally:
+                C._dot = default
+        return go
+
+    kernels = {"avx512-bf16-dot": dot, "avx2": None}
+    runners = {f"{s} k={k} [{kn}]": with_kernel(lib, s, k) for kn, lib in kernels.items()
+               for s, k in [("vanilla", 0), ("mtp", 1), ("mtp", 2), ("mtp", 3)]}
+    recs = interleaved(prompts, runners)
+    print(f"\n## the two kernels for bf16 weights: {len(prompts)} code prompts, interleaved")
+    print(f"{'runner':30s} {'tok/s':>7s} {'AL':>5s} {'speedup vs its vanilla':>23s} {'dot / avx2 tok/s':>17s}")
+    out: dict = {"runs": {}, "step_costs": {}}
+    for n, r in recs.items():
+        kn = n.split("[")[1][:-1]
+        s = summary(r, recs[f"vanilla k=0 [{kn}]"])
+        other = summary(recs[n.replace(kn, "avx2")])["tokens_per_s"]
+        out["runs"][n] = {k: v for k, v in s.items() if k != "speedup_ci"}
+        print(f"{n:30s} {s['tokens_per_s']:7.1f} {s['AL']:5.2f} {s['speedup_median']:22.2f}x "
+              f"{s['tokens_per_s'] / other:16.2f}x")
+    rounds: dict = {kn: [] for kn in kernels}
+    for _ in range(3):  # the kernels take turns, a median over the turns
+        for kn, lib in kernels.items():
+            C._dot = lib
+            rounds[kn].append(step_costs(model, ctx=160))
+            C._dot = default
+    for kn, runs in rounds.items():
+        costs = out["step_costs"][kn] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        print(f"   step costs [{kn}]: decode {costs['verify1'] * 1e3:.2f} ms; verify of 2..5 tokens "
+              + " ".join(f"x{costs[f'verify{i}'] / costs['verify1']:.2f}" for i in range(2, 6))
+              + f"; draft step x{costs['draft_step'] / costs['verify1']:.2f}")
+    return out
 
 
 def _ties(model, prompts, base, recs) -> str:

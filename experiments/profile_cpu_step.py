@@ -3,11 +3,17 @@
 1. One forward of s = 1, 2, 4, 8 new tokens after 160 cached ones (batch 1, step path): the whole
    forward, the small-M linear kernel's calls and the attention kernel's calls (timers around them;
    the rest is the other ops and Python).
+   Then forwards with parts of the kernels off, taking turns: the row ops of kernels/cpu_rows.py,
+   and the AVX-512 BF16 linear against the AVX2 one where the CPU has it.
 2. With --base REV: the kernels of kernels/cpu_linear.py at REV (built from that revision's source)
    against today's, in one run: each layer shape at M = 1..8 with bf16 weights cycled through 96 MB
-   (every call reads cold weights, as in a forward), and the attention kernel at S = 1..8.
+   (every call reads cold weights, as in a forward), and the attention kernel at S = 1..8. Today's
+   AVX-512 BF16 kernel, where there is one, in a third column ("equal" compares old and new AVX2).
 
-    python experiments/profile_cpu_step.py [--model smollm2-135m] [--base 3a9985a]
+3. With --ops: torch.profiler's table of the ops of one forward of s = 1 and 4 tokens (self CPU time
+   and calls per forward): what "other" is made of.
+
+    python experiments/profile_cpu_step.py [--model smollm2-135m] [--base 3a9985a] [--ops] [--compile auto]
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import torch
 
 import mtp_spec
 import mtp_spec.kernels.cpu_linear as C
+import mtp_spec.kernels.cpu_rows as R
 from mtp_spec.loader import resolve_model
 
 
-def forward_breakdown(model, ctx: int = 160, reps: int = 10) -> None:
+def forward_breakdown(model, label: str, ctx: int = 160, reps: int = 10) -> None:
     spent: dict = defaultdict(float)
     lin, att = C.linear, C.attention
 
@@ -45,7 +52,7 @@ def forward_breakdown(model, ctx: int = 160, reps: int = 10) -> None:
     C.linear, C.attention = timed("linear", lin), timed("attention", att)  # step_linear calls C.linear
     g = torch.Generator().manual_seed(0)
     cache = model.new_cache(1, 256)
-    print(f"## one forward after {ctx} cached tokens (median of {reps}; kernels: mean per forward)")
+    print(f"## {label}: one forward after {ctx} cached tokens (median of {reps}; kernels: mean per forward)")
     print(f"{'s':>3} {'forward ms':>11} {'linear ms':>10} {'attention ms':>13} {'other ms':>9} {'x s=1':>6}")
     try:
         with torch.no_grad():
@@ -70,6 +77,63 @@ def forward_breakdown(model, ctx: int = 160, reps: int = 10) -> None:
         C.linear, C.attention = lin, att
 
 
+def op_table(model, ctx: int = 160, reps: int = 10, rows: int = 18) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    cache = model.new_cache(1, 256)
+    with torch.no_grad():
+        model(torch.randint(0, model.args.vocab_size, (1, ctx), generator=g), cache=cache)
+        cache.lengths += ctx
+        for s in (1, 4):
+            x = torch.randint(0, model.args.vocab_size, (1, s), generator=g)
+            for _ in range(3):
+                model(x, cache=cache, step=True)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(reps):
+                    model(x, cache=cache, step=True)
+            ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in ev) / reps / 1e3
+            print(f"\n## ops of one forward of s={s} (torch.profiler, mean of {reps}; {total:.2f} ms of self time"
+                  f" in {sum(e.count for e in ev) // reps} ops, profiler overhead included)")
+            print(f"{'op':44s} {'calls':>6s} {'self ms':>8s} {'us/call':>8s}")
+            for e in ev[:rows]:
+                print(f"{e.key[:44]:44s} {e.count // reps:6d} {e.self_cpu_time_total / reps / 1e3:8.3f} "
+                      f"{e.self_cpu_time_total / e.count:8.1f}")
+
+
+def forward_variants(model, ctx: int = 160, reps: int = 15) -> None:
+    """Forwards of s tokens with today's kernels and with parts of them off, taking turns: the
+    AVX-512 BF16 linear (where the CPU has it) or the AVX2 one, with or without kernels/cpu_rows."""
+    dot, rows_usable = C.bf16_dot_kernel(), R.usable
+    variants = {"AVX2 linear, torch row ops": (None, lambda x: False), "AVX2 linear, C row ops": (None, rows_usable)}
+    if dot is not None:
+        variants["BF16-dot linear, C row ops"] = (dot, rows_usable)
+    g = torch.Generator().manual_seed(0)
+    cache = model.new_cache(1, 256)
+    xs = {s: torch.randint(0, model.args.vocab_size, (1, s), generator=g) for s in (1, 2, 4, 8)}
+    ts: dict = {(n, s): [] for n in variants for s in xs}
+    with torch.no_grad():
+        model(torch.randint(0, model.args.vocab_size, (1, ctx), generator=g), cache=cache)
+        cache.lengths += ctx
+        try:
+            for rep in range(reps + 1):
+                for n, (lib, usable) in variants.items():
+                    C._dot, R.usable = lib, usable
+                    for s, x in xs.items():
+                        t0 = time.perf_counter()
+                        model(x, cache=cache, step=True)
+                        if rep:
+                            ts[(n, s)].append(time.perf_counter() - t0)
+        finally:
+            C._dot, R.usable = C._build_dot(), rows_usable
+    print(f"\n## forwards with parts of the kernels off, taking turns (median of {reps}, ms, x s=1)")
+    for n in variants:
+        one = statistics.median(ts[(n, 1)])
+        print(f"{n:28s} " + "  ".join(f"s={s}: {statistics.median(ts[(n, s)]) * 1e3:6.2f} "
+                                      f"(x{statistics.median(ts[(n, s)]) / one:.2f})" for s in xs))
+
+
 def build_at(rev: str):
     """The kernels' C source at `rev`, compiled into a temporary library."""
     text = subprocess.run(["git", "show", f"{rev}:kernels/cpu_linear.py"], capture_output=True, text=True,
@@ -86,29 +150,37 @@ def build_at(rev: str):
 
 
 def compare_kernels(model, rev: str) -> None:
-    old, new = build_at(rev), C._build()
+    old, new, dot = build_at(rev), C._build(), C.bf16_dot_kernel()
+    nt = torch.get_num_threads()
+    fns = {"old": lambda x, w, y, m, n, k: old.small_m_linear(x, w, y, m, n, k, 1, nt),
+           "new": lambda x, w, y, m, n, k: new.small_m_linear(x, w, y, m, n, k, 1, nt)}
+    if dot is not None:
+        fns["dot"] = lambda x, w, y, m, n, k: dot.small_m_linear_bf16_dot(x, w, y, m, n, k, nt)
     a = model.args
     hd = getattr(a, "head_dim", a.dim // a.n_heads)
     shapes = {"qkv": ((a.n_heads + 2 * a.n_kv_heads) * hd, a.dim), "o": (a.dim, a.dim),
               "gate_up": (2 * a.inter_dim, a.dim), "down": (a.dim, a.inter_dim), "head": (a.vocab_size, a.dim)}
-    print(f"\n## kernels at {rev} (old) against today's (new), bf16 weights read cold, median us")
-    print(f"{'shape':16s} {'M':>2s} {'old us':>8s} {'new us':>8s} {'new/old':>7s} {'new GB/s':>8s} equal")
+    print(f"\n## kernels at {rev} (old) against today's AVX2 (new) and AVX-512 BF16 (dot) kernels, "
+          "bf16 weights read cold, median us")
+    print(f"{'shape':16s} {'M':>2s} {'old us':>8s} {'new us':>8s} {'dot us':>8s} {'new/old':>7s} {'dot/old':>7s} "
+          f"{'dot GB/s':>8s} equal")
     for name, (n, k) in shapes.items():
         ws = [torch.randn(n, k).to(torch.bfloat16) for _ in range(max(2, (96 << 20) // (n * k * 2)))]
         for m in (1, 2, 3, 4, 5, 6, 8):
             x = torch.randn(m, k)
-            ys = {"old": torch.empty(m, n), "new": torch.empty(m, n)}
-            ts: dict = {"old": [], "new": []}
+            ys = {nm: torch.empty(m, n) for nm in fns}
+            ts: dict = {nm: [] for nm in fns}
+            order = list(fns)
             for rep in range(max(3, 60 // len(ws))):
-                for nm, lib in (("old", old), ("new", new))[:: 1 if rep % 2 else -1]:
+                for nm in order[rep % len(order):] + order[: rep % len(order)]:  # rotate who goes first
                     for w in ws:  # a whole cycle through 96 MB per kernel: each call reads cold weights
                         t0 = time.perf_counter()
-                        lib.small_m_linear(x.data_ptr(), w.data_ptr(), ys[nm].data_ptr(), m, n, k, 1,
-                                           torch.get_num_threads())
+                        fns[nm](x.data_ptr(), w.data_ptr(), ys[nm].data_ptr(), m, n, k)
                         ts[nm].append(time.perf_counter() - t0)
-            o, nw = statistics.median(ts["old"]), statistics.median(ts["new"])
-            print(f"{name + f' {n}x{k}':16s} {m:2d} {o * 1e6:8.1f} {nw * 1e6:8.1f} {nw / o:7.2f} "
-                  f"{n * k * 2 / nw / 1e9:8.1f} {torch.equal(ys['old'], ys['new'])}")
+            med = {nm: statistics.median(t) for nm, t in ts.items()}
+            o, nw, d = med["old"], med["new"], med.get("dot", float("nan"))
+            print(f"{name + f' {n}x{k}':16s} {m:2d} {o * 1e6:8.1f} {nw * 1e6:8.1f} {d * 1e6:8.1f} {nw / o:7.2f} "
+                  f"{d / o:7.2f} {n * k * 2 / d / 1e9:8.1f} {torch.equal(ys['old'], ys['new'])}")
     kvh = a.n_kv_heads
     for s in (1, 2, 4, 8):
         q = torch.randn(1, s, a.n_heads, hd)
@@ -137,13 +209,19 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--base", help="a git revision whose kernels to compare against")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ops", action="store_true", help="also torch.profiler's op table (section 3)")
+    ap.add_argument("--compile", default="auto", choices=["off", "auto", "on"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not C.available():
         sys.exit("the CPU kernels are not available on this machine (no C compiler or no AVX2)")
-    model = mtp_spec.load(resolve_model(a.model), dtype=torch.bfloat16, max_len=1024, compile="auto")
-    print(f"# {a.model}, bf16 weights, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    forward_breakdown(model)
+    model = mtp_spec.load(resolve_model(a.model), dtype=torch.bfloat16, max_len=1024, compile=a.compile)
+    print(f"# {a.model}, bf16 weights, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"compile {a.compile}\n")
+    forward_breakdown(model, f"{C.kind()} kernel")
+    forward_variants(model)
+    if a.ops:
+        op_table(model)
     if a.base:
         compare_kernels(model, a.base)
 

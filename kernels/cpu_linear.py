@@ -14,10 +14,19 @@ result does not depend on which other rows share the call: a verify of k+1 token
 k+1 single-token decodes would (batch invariance). The attention kernel gives each (batch row, KV
 head, query position) its own task and sums its dot products in a fixed order, for the same reason.
 
-The kernel is plain C with AVX2 intrinsics and OpenMP, compiled with the system's C compiler on first
+On CPUs with AVX-512 BF16 (Zen 4, Sapphire Rapids and later) there is a second kernel for bf16
+weights, opt-in (MTP_SPEC_CPU_BF16_DOT=1): the input rows are rounded to bf16 once per call (round
+to nearest even) and VDPBF16PS sums each pair of products into fp32 accumulators (the rounding of a
+bf16 GEMM on a GPU; the same for every row whatever M is, so batch invariance holds). It halves the
+instructions per weight, but on this project's Zen 4 it did not pay where it matters: whole SmolLM2
+forwards of 1 / 4 tokens took 17.7 / 23.4 ms against 17.0 / 21.9 ms with the AVX2 kernel (taking
+turns; it wins from ~5 rows up), and a 512-bit version was slower still at one row
+(experiments/profile_cpu_step.py).
+
+The kernels are plain C with intrinsics and OpenMP, compiled with the system's C compiler on first
 use (about a second) into ~/.cache/mtp-spec/kernels and called through ctypes; `available()` says
-whether that worked. It is registered as a torch custom op, so compiled steps call it without a
-graph break.
+whether that worked, `kind()` which kernel bf16 weights take. The linear is registered as a torch
+custom op, so compiled steps call it without a graph break.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ _SOURCE = r"""
 #include <string.h>
 
 #define PREFETCH 1024  /* elements ahead of the row being read */
+/* unrolled, so the per-row accumulators stay in registers (a plain loop kept them on the stack) */
+#define FOR_M(M) _Pragma("GCC unroll 4") for (int m = 0; m < (M); ++m)
 
 static inline __m256 load8_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -61,17 +72,17 @@ static void row_##T##_##M(const float* __restrict x, const void* w, float* __res
                           int64_t N, int64_t K, int64_t n) {                                        \
   const T##_t* row = (const T##_t*)w + n * K;                                                       \
   __m256 a0[M], a1[M];                                                                              \
-  for (int m = 0; m < M; ++m) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }        \
+  FOR_M(M) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }                            \
   int64_t k = 0;                                                                                    \
   for (; k + 16 <= K; k += 16) {                                                                    \
     _mm_prefetch((const char*)(row + k + PREFETCH), _MM_HINT_T0);                                   \
     __m256 w0 = load8_##T(row + k), w1 = load8_##T(row + k + 8);                                    \
-    for (int m = 0; m < M; ++m) {                                                                   \
+    FOR_M(M) {                                                                                      \
       a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), a0[m]);                          \
       a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), a1[m]);                      \
     }                                                                                               \
   }                                                                                                 \
-  for (int m = 0; m < M; ++m) {                                                                     \
+  FOR_M(M) {                                                                                        \
     float s = hsum(_mm256_add_ps(a0[m], a1[m]));                                                    \
     for (int64_t j = k; j < K; ++j) s += scalar_##T(row[j]) * x[m * K + j];                         \
     y[m * N + n] = s;                                                                               \
@@ -164,8 +175,88 @@ void attention(const float* q, const float* k, const float* v, const uint8_t* ma
 }
 """
 
+_BF16_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define PREFETCH 1024  /* bf16 elements ahead of the row being read */
+#define FOR_M(M) _Pragma("GCC unroll 4") for (int m = 0; m < (M); ++m)
+
+static inline float hsum(__m256 v) {  /* the AVX2 kernel's fixed order */
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+/* One weight row against M input rows (bf16), on 256-bit registers (512-bit ones made the one-row
+   decode ~8% slower on Zen 4): 32 elements per step in two 16-element chunks, each into its own
+   accumulator; then a full 16-chunk of the tail into a0, the last 1..15 elements masked into a1
+   (zeros add nothing); then a0 + a1 and the fixed horizontal sum. */
+#define ROW(M)                                                                                      \
+static void row_##M(const uint16_t* __restrict x, const uint16_t* w, float* __restrict y,          \
+                    int64_t N, int64_t K, int64_t n) {                                              \
+  const uint16_t* row = w + n * K;                                                                  \
+  __m256 a0[M], a1[M];                                                                              \
+  FOR_M(M) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }                            \
+  int64_t k = 0;                                                                                    \
+  for (; k + 32 <= K; k += 32) {                                                                    \
+    _mm_prefetch((const char*)(row + k + PREFETCH), _MM_HINT_T0);                                   \
+    const __m256bh w0 = (__m256bh)_mm256_loadu_si256((const __m256i*)(row + k));                    \
+    const __m256bh w1 = (__m256bh)_mm256_loadu_si256((const __m256i*)(row + k + 16));               \
+    FOR_M(M) {                                                                                      \
+      a0[m] = _mm256_dpbf16_ps(a0[m], (__m256bh)_mm256_loadu_si256((const __m256i*)(x + m * K + k)), w0); \
+      a1[m] = _mm256_dpbf16_ps(a1[m], (__m256bh)_mm256_loadu_si256((const __m256i*)(x + m * K + k + 16)), \
+                               w1);                                                                 \
+    }                                                                                               \
+  }                                                                                                 \
+  if (k + 16 <= K) {                                                                                \
+    const __m256bh wt = (__m256bh)_mm256_loadu_si256((const __m256i*)(row + k));                    \
+    FOR_M(M) a0[m] = _mm256_dpbf16_ps(a0[m], (__m256bh)_mm256_loadu_si256((const __m256i*)(x + m * K + k)), wt); \
+    k += 16;                                                                                        \
+  }                                                                                                 \
+  if (k < K) {                                                                                      \
+    const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);                                          \
+    const __m256bh wt = (__m256bh)_mm256_maskz_loadu_epi16(mk, row + k);                            \
+    FOR_M(M) a1[m] = _mm256_dpbf16_ps(a1[m], (__m256bh)_mm256_maskz_loadu_epi16(mk, x + m * K + k), wt); \
+  }                                                                                                 \
+  FOR_M(M) y[m * N + n] = hsum(_mm256_add_ps(a0[m], a1[m]));                                        \
+}
+ROW(1) ROW(2) ROW(3) ROW(4)
+typedef void (*row_fn)(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t);
+static const row_fn ROWS[5] = {0, row_1, row_2, row_3, row_4};
+
+/* x (M x K fp32) is rounded to bf16 here (nearest even); then up to 4 rows per pass over each
+   weight row, more rows in further passes over the same (cached) weight row. */
+int small_m_linear_bf16_dot(const float* xf, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int nt) {
+  uint16_t* x = (uint16_t*)malloc(sizeof(uint16_t) * (M * K + 16));
+  if (!x) return 1;
+  int64_t i = 0;
+  for (; i + 16 <= M * K; i += 16)
+    _mm256_storeu_si256((__m256i*)(x + i),
+                        (__m256i)_mm256_cvtne2ps_pbh(_mm256_loadu_ps(xf + i + 8), _mm256_loadu_ps(xf + i)));
+  for (; i < M * K; ++i)
+    x[i] = (uint16_t)_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(_mm_set_ss(xf[i])), 0);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mm = M - m0 < 4 ? M - m0 : 4;
+      ROWS[mm](x + m0 * K, w, y + m0 * N, N, K, n);
+    }
+  free(x);
+  return 0;
+}
+"""
+_BF16_FLAGS = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+               "-mprefer-vector-width=256"]
+
 _lib = None
 _tried = False
+_dot = None  # the kernel bf16 weights take instead of the AVX2 one (opt-in)
+_dot_tried = False
+_dot_lib = None
+_dot_lib_tried = False
 
 
 def _cache_dir() -> Path:
@@ -173,27 +264,32 @@ def _cache_dir() -> Path:
     return home / "kernels"
 
 
+def _compile(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
+    """Compile a C source once per machine (keyed by its hash and flags) and load it."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise OSError("no C compiler")
+    tag = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:12]
+    so = _cache_dir() / f"{name}-{tag}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+            src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+            src.write_text(source)
+            subprocess.run([cc, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out)],
+                           check=True, capture_output=True, timeout=120)
+            os.replace(out, so)
+    return ctypes.CDLL(str(so))
+
+
 def _build():
-    """Compile the C source once per machine (keyed by its hash) and load it; None if that fails."""
+    """The AVX2 kernels, built on first use; None if that fails."""
     global _lib, _tried
     if _tried:
         return _lib
     _tried = True
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        return None
-    tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
-    so = _cache_dir() / f"small_m_linear-{tag}.so"
     try:
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-                src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
-                src.write_text(_SOURCE)
-                subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out)],
-                               check=True, capture_output=True, timeout=120)
-                os.replace(out, so)
-        lib = ctypes.CDLL(str(so))
+        lib = _compile("small_m_linear", _SOURCE, ["-mavx2", "-mfma"])
         lib.small_m_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
         lib.small_m_linear.restype = ctypes.c_int
         lib.attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 13 + [ctypes.c_float, ctypes.c_int]
@@ -203,6 +299,48 @@ def _build():
         print(f"[mtp-spec] CPU small-M linear kernel unavailable ({type(e).__name__}); using F.linear",
               file=sys.stderr)
     return _lib
+
+
+def _cpu_has_bf16_dot() -> bool:
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= set(flags)
+
+
+def bf16_dot_kernel():
+    """The AVX-512 BF16 linear, built, where the CPU has it and the compiler knows it; else None.
+    Whether `linear` uses it is `MTP_SPEC_CPU_BF16_DOT`'s call (off unless set to 1)."""
+    global _dot_lib, _dot_lib_tried
+    if not _dot_lib_tried:
+        _dot_lib_tried = True
+        if _cpu_has_bf16_dot() and _build() is not None:
+            try:
+                lib = _compile("small_m_linear_bf16_dot", _BF16_SOURCE, _BF16_FLAGS)
+                lib.small_m_linear_bf16_dot.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                lib.small_m_linear_bf16_dot.restype = ctypes.c_int
+                _dot_lib = lib
+            except (OSError, subprocess.SubprocessError):
+                pass  # an older compiler: the AVX2 kernel takes bf16 weights
+    return _dot_lib
+
+
+def _build_dot():
+    """The kernel `linear` uses for bf16 weights when it is not the AVX2 one."""
+    global _dot, _dot_tried
+    if not _dot_tried:
+        _dot_tried = True
+        _dot = bf16_dot_kernel() if os.environ.get("MTP_SPEC_CPU_BF16_DOT", "0") == "1" else None
+    return _dot
+
+
+def kind() -> str | None:
+    """Which kernel bf16 weights take: "avx512-bf16-dot" (inputs rounded to bf16), "avx2" (fp32
+    inputs), or None when the kernels are unavailable. fp32 weights always take the AVX2 kernel."""
+    if not available():
+        return None
+    return "avx512-bf16-dot" if _build_dot() is not None else "avx2"
 
 
 def available() -> bool:
@@ -223,9 +361,10 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ w (N, K)^T on the CPU, with bf16 or fp32 weights, 16 rows of x per pass over w.
-    Accumulates in fp32 and returns x's dtype. A direct call (a few us of Python); compiled code calls
-    the `small_m_linear` custom op, which wraps it."""
+    """x (..., K) @ w (N, K)^T on the CPU, with bf16 or fp32 weights, 16 rows of x per call.
+    Accumulates in fp32 and returns x's dtype; bf16 weights round x to bf16 first where the AVX-512
+    BF16 kernel runs (`kind()`). A direct call (a few us of Python); compiled code calls the
+    `small_m_linear` custom op, which wraps it."""
     dtype = x.dtype
     if dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
@@ -235,9 +374,13 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if not w.is_contiguous():
         w = w.contiguous()
     lib, bf16, nt = _lib or _build(), int(w.dtype == torch.bfloat16), torch.get_num_threads()
+    dot = _build_dot() if bf16 else None
     xp, yp = x.data_ptr(), y.data_ptr()
     for lo in range(0, m, MAX_M):
-        lib.small_m_linear(xp + 4 * lo * k, w.data_ptr(), yp + 4 * lo * n, min(MAX_M, m - lo), n, k, bf16, nt)
+        if dot is not None:
+            dot.small_m_linear_bf16_dot(xp + 4 * lo * k, w.data_ptr(), yp + 4 * lo * n, min(MAX_M, m - lo), n, k, nt)
+        else:
+            lib.small_m_linear(xp + 4 * lo * k, w.data_ptr(), yp + 4 * lo * n, min(MAX_M, m - lo), n, k, bf16, nt)
     return y if dtype == torch.float32 else y.to(dtype)
 
 

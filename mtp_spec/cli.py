@@ -163,6 +163,7 @@ def cmd_generate(a) -> int:
     if a.compare:
         baseline = Engine(model).generate(prompts, a.max_new_tokens, **run)
     path = weights_path(model)
+    kernel = model.steps.summary()["cpu_kernel"]
     for r in results:
         m = r.metrics
         text = tok.decode(r.token_ids) if tok is not None else None
@@ -193,7 +194,8 @@ def cmd_generate(a) -> int:
               + f" | AL {m.acceptance_len:.2f} | AR {m.acceptance_rate:.2f} | per-position acceptance {per_pos}"
               + (" | LOSSY (relaxed acceptance)" if r.lossy else "")
               + f" | {a.device} {next(p.dtype for p in model.parameters() if p.element_size() > 1)} weights: {path}"
-              + f" | compile {a.compile}", file=sys.stderr if a.quiet_stats else sys.stdout)
+              + f" | compile {a.compile}" + (f", CPU kernel {kernel}" if kernel else ""),
+              file=sys.stderr if a.quiet_stats else sys.stdout)
     if baseline is not None:
         spec = sum(r.metrics.num_generated for r in results) / sum(r.metrics.total_s for r in results)
         van = sum(r.metrics.num_generated for r in baseline) / sum(r.metrics.total_s for r in baseline)

@@ -8,26 +8,47 @@ import torch
 from mtp_spec.kernels import cpu_linear as C
 
 pytestmark = pytest.mark.skipif(not C.available(), reason="needs a C compiler and an AVX2 CPU")
+HAS_DOT = C.bf16_dot_kernel() is not None
+# (weight dtype, bf16 kernel): fp32 weights, bf16 weights on the AVX2 kernel, and on the AVX-512 BF16
+# one where this CPU has it (a skip says so where it does not)
+PATHS = [(torch.float32, "avx2"), (torch.bfloat16, "avx2"),
+         pytest.param((torch.bfloat16, "avx512-bf16-dot"),
+                      marks=pytest.mark.skipif(not HAS_DOT, reason="this CPU has no AVX-512 BF16"))]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k", [(37, 16), (300, 129), (64, 576), (8, 7)])
-def test_small_m_linear_matches_torch(dtype, n, k):
+@pytest.fixture
+def path(request, monkeypatch):
+    dtype, kernel = request.param
+    monkeypatch.setattr(C, "_dot", C.bf16_dot_kernel() if kernel == "avx512-bf16-dot" else None)
+    monkeypatch.setattr(C, "_dot_tried", True)
+    return dtype, kernel
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("n,k", [(37, 16), (300, 129), (64, 576), (8, 7), (5, 31)])
+def test_small_m_linear_matches_torch(path, n, k):
+    dtype, kernel = path
     g = torch.Generator().manual_seed(n * k)
     w = torch.randn(n, k, generator=g).to(dtype)
     for m in (1, 2, 5, 16, 17, 40):
         x = torch.randn(m, k, generator=g)
-        ref = torch.nn.functional.linear(x.double(), w.double())
+        xr = x.bfloat16() if kernel == "avx512-bf16-dot" else x  # that kernel rounds its inputs to bf16
+        ref = torch.nn.functional.linear(xr.double(), w.double())
         got = C.linear(x, w)
         assert got.dtype == torch.float32 and got.shape == (m, n)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
+        if kernel == "avx512-bf16-dot":  # nearer the rounded inputs' product than the exact one's
+            exact = torch.nn.functional.linear(x.double(), w.double())
+            assert (got.double() - ref).abs().max() < (got.double() - exact).abs().max()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_m_linear_is_batch_invariant(dtype):
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(300, 576, generator=g).to(dtype)
-    x = torch.randn(40, 576, generator=g)
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("k", [576, 129])
+def test_small_m_linear_is_batch_invariant(path, k):
+    dtype, _ = path
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(300, k, generator=g).to(dtype)
+    x = torch.randn(40, k, generator=g)
     full = C.linear(x, w)
     for i in range(40):
         assert torch.equal(C.linear(x[i:i + 1], w)[0], full[i])
@@ -65,3 +86,40 @@ def test_the_linear_runs_inside_torch_compile_without_a_graph_break():
     f = torch.compile(lambda x: torch.relu(C.small_m_linear(x, w)) * 2, fullgraph=True)
     x = torch.randn(3, 32)
     torch.testing.assert_close(f(x), torch.relu(torch.nn.functional.linear(x, w)) * 2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [576, 61, 8])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_row_ops_match_torch_and_are_batch_invariant(d, wdtype):
+    from mtp_spec.kernels import cpu_rows as R
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 5, d + 3, generator=g)[..., :d] * 3  # strided rows, as a slice of a fused output
+    w = torch.randn(d, generator=g).to(wdtype)
+    ref = w.double() * torch.nn.functional.rms_norm(x.double(), (d,), eps=1e-5)
+    got = R.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(R.rms_norm(x[1:, 2:3], w, 1e-5), got[1:, 2:3])
+
+    h = torch.randn(3, 4, 2 * d, generator=g)
+    ref = torch.nn.functional.silu(h[..., :d].double()) * h[..., d:].double()
+    got = R.silu_mul(h)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(R.silu_mul(h[2:, 1:3]), got[2:, 1:3])
+
+
+def test_rope_half_matches_the_rotary_module():
+    from types import SimpleNamespace
+
+    from mtp_spec.kernels import cpu_rows as R
+    from mtp_spec.model.layers import Rotary
+
+    rot = Rotary(SimpleNamespace(family="llama", head_dim=64, rope_theta=1e5), 300)
+    g = torch.Generator().manual_seed(3)
+    fused = torch.randn(2, 5, 12 * 64 + 32, generator=g)  # q and k heads, then something else
+    x = fused[..., : 12 * 64].view(2, 5, 12, 64)
+    rope = rot.tables(torch.randint(0, 300, (2, 5), generator=g))
+    got = R.rope_half(x, *rope)
+    torch.testing.assert_close(got, rot(x, rope), rtol=1e-6, atol=1e-6)
+    one = R.rope_half(x[1:, 3:4], rope[0][1:, 3:4], rope[1][1:, 3:4])
+    assert torch.equal(one, got[1:, 3:4])

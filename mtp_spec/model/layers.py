@@ -10,7 +10,7 @@ from torch import nn
 
 import mtp_spec.parallel as parallel
 from mtp_spec.config import ModelArgs, yarn_mscale
-from mtp_spec.kernels import FP8, cpu_linear
+from mtp_spec.kernels import FP8, cpu_linear, cpu_rows
 
 
 class RMSNorm(nn.Module):
@@ -20,8 +20,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.small_m = False  # set by compile_steps(): CPU steps use kernels/cpu_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small_m and cpu_rows.usable(x):
+            return cpu_rows.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # one fused op instead of six
             return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         dtype = x.dtype

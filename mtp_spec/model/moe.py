@@ -8,7 +8,7 @@ from torch import nn
 
 import mtp_spec.parallel as parallel
 from mtp_spec.config import ModelArgs
-from mtp_spec.kernels import FP8, act_quant, backend, cpu_linear, grouped_fp8_gemm
+from mtp_spec.kernels import FP8, act_quant, backend, cpu_linear, cpu_rows, grouped_fp8_gemm
 from mtp_spec.model.layers import ColumnParallelLinear, Linear, RowParallelLinear
 
 
@@ -30,6 +30,7 @@ class MLP(nn.Module):
             self.w2 = Linear(inter_dim, dim)
             self.w3 = Linear(dim, inter_dim)
         self.fused: list[Linear] = []  # w1 and w3 as one projection, set at load (outside the state dict)
+        self.small_m = False  # set by compile_steps(): CPU steps use kernels/cpu_rows
 
     def fuse(self) -> None:
         if (f := Linear.concat([self.w1, self.w3])) is not None:
@@ -37,7 +38,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            h1, h3 = self.fused[0](x).chunk(2, dim=-1)
+            h = self.fused[0](x)
+            if self.small_m and cpu_rows.usable(h):
+                return self.w2(cpu_rows.silu_mul(h))
+            h1, h3 = h.chunk(2, dim=-1)
             return self.w2(F.silu(h1) * h3)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 

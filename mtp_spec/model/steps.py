@@ -64,5 +64,8 @@ class StepCompiler:
         return out
 
     def summary(self) -> dict:
-        return {"compiled": self.enabled, "small_m_kernel": self.small_m, "compiles": self.compiles,
+        from mtp_spec.kernels import cpu_linear
+
+        return {"compiled": self.enabled, "small_m_kernel": self.small_m,
+                "cpu_kernel": cpu_linear.kind() if self.small_m else None, "compiles": self.compiles,
                 "compile_s": round(self.compile_s, 2)}

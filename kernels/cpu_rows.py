@@ -1,0 +1,154 @@
+"""Row-wise ops of a CPU step in C: RMSNorm, SwiGLU's silu(a) * b, and the Llama family's rotary.
+
+A decode step of SmolLM2-135M spends ~8 of its ~20 ms outside the matrix products and attention,
+in ~3,800 small torch ops (experiments/profile_cpu_step.py --ops). `F.rms_norm` alone, 61 calls,
+took ~2 ms (~34 us a call: it upcasts, squares, means, adds, rsqrts and multiplies as separate
+ops); here each of these ops is one call of a few microseconds.
+
+Each row is computed alone and in a fixed order (sums of squares in 8-lane chunks into four
+accumulators in turn, then a fixed horizontal sum), so a row's result does not depend on the other
+rows in the call: a verify of k+1 tokens rounds exactly like k+1 single-token steps, as the linear
+and attention kernels of kernels/cpu_linear.py do. The results differ from torch's in the last bits
+(another summation order), so eager (`compile="off"`) stays the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import torch
+
+from mtp_spec.kernels import cpu_linear
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+static inline __m256 load8_w(const void* w, int bf16, int64_t i) {
+  if (!bf16) return _mm256_loadu_ps((const float*)w + i);
+  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)w + i));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline float scalar_w(const void* w, int bf16, int64_t i) {
+  if (!bf16) return ((const float*)w)[i];
+  uint32_t u = ((uint32_t)((const uint16_t*)w)[i]) << 16; float f; memcpy(&f, &u, 4); return f;
+}
+
+/* y = w * (x * 1 / sqrt(mean(x^2) + eps)), row by row; rows of x are xs floats apart. */
+void rms_norm(const float* x, int64_t xs, const void* w, int bf16, float* y, int64_t M, int64_t D, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * xs;
+    float* o = y + m * D;
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (int c = 0; i + 8 <= D; i += 8, c = (c + 1) & 3) {
+      const __m256 v = _mm256_loadu_ps(r + i);
+      a[c] = _mm256_fmadd_ps(v, v, a[c]);
+    }
+    float ss = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    for (; i < D; ++i) ss += r[i] * r[i];
+    const float inv = 1.f / sqrtf(ss / (float)D + eps);
+    const __m256 vi = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= D; i += 8)
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(load8_w(w, bf16, i), _mm256_mul_ps(_mm256_loadu_ps(r + i), vi)));
+    for (; i < D; ++i) o[i] = scalar_w(w, bf16, i) * (r[i] * inv);
+  }
+}
+
+/* y[m, j] = silu(g[m, j]) * g[m, I + j] for g (M x 2I), SwiGLU's gate and up halves side by side. */
+void silu_mul(const float* g, float* y, int64_t M, int64_t I) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < I; ++j) {
+      const float a = g[m * 2 * I + j];
+      y[m * I + j] = a / (1.f + expf(-a)) * g[m * 2 * I + I + j];
+    }
+}
+
+/* The Llama family's rotary (rotate_half): for each of T tokens and H heads of D, with the token's
+   cos and sin (D/2 each), y = [x1 c - x2 s | x2 c + x1 s]; tokens of x are xs floats apart. */
+void rope_half(const float* x, int64_t xs, const float* cs, const float* sn, float* y,
+               int64_t T, int64_t H, int64_t D) {
+  const int64_t h2 = D / 2;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const float* r = x + t * xs + h * D;
+      const float* c = cs + t * h2;
+      const float* s = sn + t * h2;
+      float* o = y + (t * H + h) * D;
+      for (int64_t j = 0; j < h2; ++j) {
+        const float x1 = r[j], x2 = r[j + h2];
+        o[j] = x1 * c[j] - x2 * s[j];
+        o[j + h2] = x2 * c[j] + x1 * s[j];
+      }
+    }
+}
+"""
+
+_lib = None
+_tried = False
+
+
+def _build():
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        try:
+            lib = cpu_linear._compile("cpu_rows", _SOURCE, ["-mavx2", "-mfma"])
+            lib.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+            lib.silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+            lib.rope_half.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+            for f in (lib.rms_norm, lib.silu_mul, lib.rope_half):
+                f.restype = None
+            _lib = lib
+        except (OSError, subprocess.SubprocessError):
+            pass  # the torch ops serve
+    return _lib
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether these kernels take x: fp32 on the CPU, last dim contiguous, outside torch.compile
+    (shapes and dtypes only), and the kernels built (`cpu_linear.available()` gates them too)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2 and x.stride(-1) == 1
+            and not torch.compiler.is_compiling() and cpu_linear.available() and _build() is not None)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * (x / rms(x)) over the last dim; w fp32 or bf16. Rows of x may be strided."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)  # a view where x's rows are evenly strided, else a copy
+    w = w.contiguous()
+    y = torch.empty(x.shape)
+    _build().rms_norm(rows.data_ptr(), rows.stride(0), w.data_ptr(), int(w.dtype == torch.bfloat16), y.data_ptr(),
+                      rows.shape[0], d, eps)
+    return y
+
+
+def silu_mul(g: torch.Tensor) -> torch.Tensor:
+    """silu(g[..., :I]) * g[..., I:] for g (..., 2I)."""
+    g = g.contiguous()
+    i = g.shape[-1] // 2
+    y = torch.empty(*g.shape[:-1], i)
+    _build().silu_mul(g.data_ptr(), y.data_ptr(), g.numel() // (2 * i), i)
+    return y
+
+
+def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, s, h, d) rotated the Llama way by cos, sin (b, s, 1, d/2) fp32; the heads of a token
+    must be contiguous (a slice of a fused projection's output is fine). Returns a contiguous tensor."""
+    b, s, h, d = x.shape
+    if x.stride(3) != 1 or x.stride(2) != d or x.stride(0) != s * x.stride(1):
+        x = x.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    y = torch.empty(b, s, h, d)
+    _build().rope_half(x.data_ptr(), x.stride(1), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), b * s, h, d)
+    return y
