@@ -116,19 +116,20 @@ void silu_mul(const float* g, float* y, int64_t M, int64_t I) {
   }
 }
 
-/* The Llama family's rotary (rotate_half): for each of T tokens and H heads of D, with the token's
-   cos and sin (D/2 each), y = [x1 c - x2 s | x2 c + x1 s]; tokens of x are xs floats apart. */
-void rope_half(const float* x, int64_t xs, const float* cs, const float* sn, float* y,
-               int64_t T, int64_t H, int64_t D) {
-  const int64_t h2 = D / 2;
+/* Rotary for T tokens of H heads of D: with the token's cos and sin (D/2 each) and x1, x2 the halves
+   (Llama's rotate_half) or the even and odd elements (DeepSeek's pairs, `pairs`), y = [x1 c - x2 s |
+   x2 c + x1 s] (contiguous). Tokens of x are xs floats apart, heads xh. */
+void rope(const float* x, int64_t xs, int64_t xh, const float* cs, const float* sn, float* y,
+          int64_t T, int64_t H, int64_t D, int pairs) {
+  const int64_t h2 = D / 2, step = pairs ? 2 : 1, off = pairs ? 1 : h2;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
-      const float* r = x + t * xs + h * D;
+      const float* r = x + t * xs + h * xh;
       const float* c = cs + t * h2;
       const float* s = sn + t * h2;
       float* o = y + (t * H + h) * D;
       for (int64_t j = 0; j < h2; ++j) {
-        const float x1 = r[j], x2 = r[j + h2];
+        const float x1 = r[j * step], x2 = r[j * step + off];
         o[j] = x1 * c[j] - x2 * s[j];
         o[j + h2] = x2 * c[j] + x1 * s[j];
       }
@@ -149,8 +150,9 @@ def _build():
             lib.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
             lib.silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-            lib.rope_half.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-            for f in (lib.rms_norm, lib.silu_mul, lib.rope_half):
+            lib.rope.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3
+                                 + [ctypes.c_int64] * 3 + [ctypes.c_int])
+            for f in (lib.rms_norm, lib.silu_mul, lib.rope):
                 f.restype = None
             _lib = lib
         except (OSError, subprocess.SubprocessError):
@@ -160,9 +162,10 @@ def _build():
 
 def usable(x: torch.Tensor) -> bool:
     """Whether these kernels take x: fp32 on the CPU, last dim contiguous, outside torch.compile
-    (shapes and dtypes only), and the kernels built (`cpu_linear.available()` gates them too)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2 and x.stride(-1) == 1
-            and not torch.compiler.is_compiling() and cpu_linear.available() and _build() is not None)
+    (shapes and dtypes only), and the kernels built. Callers ask only where `compile_steps` turned
+    the CPU kernels on (so `cpu_linear.available()` and MTP_SPEC_CPU_LINEAR have had their say)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1 and x.dim() >= 2
+            and (_lib if _tried else _build()) is not None and not torch.compiler.is_compiling())
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -185,13 +188,16 @@ def silu_mul(g: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, s, h, d) rotated the Llama way by cos, sin (b, s, 1, d/2) fp32; the heads of a token
-    must be contiguous (a slice of a fused projection's output is fine). Returns a contiguous tensor."""
-    b, s, h, d = x.shape
-    if x.stride(3) != 1 or x.stride(2) != d or x.stride(0) != s * x.stride(1):
-        x = x.contiguous()
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """x (b, s, h, d), or (b, s, d) for one head, rotated by cos, sin (b, s, 1, d/2) the Llama way
+    (halves) or DeepSeek's (pairs, output [even' | odd']), as layers.Rotary does. x may be a view into
+    a wider output (heads and tokens strided). Returns a contiguous tensor."""
+    xv = x if x.dim() == 4 else x.unsqueeze(2)
+    b, s, h, d = xv.shape
+    if b > 1 and xv.stride(0) != s * xv.stride(1):
+        xv = xv.contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    y = torch.empty(b, s, h, d)
-    _build().rope_half(x.data_ptr(), x.stride(1), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), b * s, h, d)
+    y = torch.empty(x.shape)
+    _build().rope(xv.data_ptr(), xv.stride(1), xv.stride(2), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), b * s, h, d,
+                  int(pairs))
     return y

@@ -109,18 +109,22 @@ def test_row_ops_match_torch_and_are_batch_invariant(d, wdtype):
     assert torch.equal(R.silu_mul(h[2:, 1:3]), got[2:, 1:3])
 
 
-def test_rope_half_matches_the_rotary_module():
+@pytest.mark.parametrize("family", ["llama", "deepseek"])
+def test_rope_matches_the_rotary_module(family):
     from types import SimpleNamespace
 
     from mtp_spec.kernels import cpu_rows as R
     from mtp_spec.model.layers import Rotary
 
-    rot = Rotary(SimpleNamespace(family="llama", head_dim=64, rope_theta=1e5), 300)
+    args = SimpleNamespace(family=family, head_dim=64, rope_theta=1e5, qk_rope_head_dim=64, rope_scaling=None)
+    rot = Rotary(args, 300)
     g = torch.Generator().manual_seed(3)
-    fused = torch.randn(2, 5, 12 * 64 + 32, generator=g)  # q and k heads, then something else
-    x = fused[..., : 12 * 64].view(2, 5, 12, 64)
+    fused = torch.randn(2, 5, 12 * 96, generator=g)  # heads of 96: a 64-wide rotary part, strided
+    x = fused.view(2, 5, 12, 96)[..., 32:]
     rope = rot.tables(torch.randint(0, 300, (2, 5), generator=g))
-    got = R.rope_half(x, *rope)
+    got = R.rope(x, *rope, pairs=family == "deepseek")
     torch.testing.assert_close(got, rot(x, rope), rtol=1e-6, atol=1e-6)
-    one = R.rope_half(x[1:, 3:4], rope[0][1:, 3:4], rope[1][1:, 3:4])
+    one = R.rope(x[1:, 3:4], rope[0][1:, 3:4], rope[1][1:, 3:4], pairs=family == "deepseek")
     assert torch.equal(one, got[1:, 3:4])
+    k = fused[..., :64]  # one head without a head axis (MLA's shared roped key)
+    torch.testing.assert_close(R.rope(k, *rope, pairs=family == "deepseek"), rot(k, rope), rtol=1e-6, atol=1e-6)

@@ -190,6 +190,7 @@ class Rotary(nn.Module):
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos() * cs_scale, persistent=False)
         self.register_buffer("sin", angles.sin() * cs_scale, persistent=False)
+        self.small_m = False  # set by compile_steps(): CPU steps rotate in kernels/cpu_rows
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at positions (b, s), shaped (b, s, 1, d/2) to broadcast over heads, gathered once
@@ -202,6 +203,8 @@ class Rotary(nn.Module):
         [even' | odd'], like HF's interleaved path; q and k get the same layout, so their dot products
         are unchanged."""
         cos, sin = rope
+        if self.small_m and cpu_rows.usable(x) and cos.dtype == torch.float32:
+            return cpu_rows.rope(x, cos, sin, pairs=not self.half)
         if cos.dtype != x.dtype:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if x.dim() == 3:  # one head, no head axis (MLA's shared roped key)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mtp_spec.config import LlamaArgs
-from mtp_spec.kernels import cpu_linear, cpu_rows
+from mtp_spec.kernels import cpu_linear
 from mtp_spec.model.attention import Step, attention_dtype
 from mtp_spec.model.layers import Linear, RMSNorm, Rotary
 from mtp_spec.model.moe import MLP
@@ -46,11 +46,7 @@ class GQA(nn.Module):
         rot = self.rotary[0]
         rope = step.rope or rot.tables(step.positions)
         nq, nk = self.n_heads * self.hd, self.n_kv * self.hd
-        qk = qkv[..., : nq + nk].view(b, s, self.n_heads + self.n_kv, self.hd)
-        if self.small_m and cpu_rows.usable(qk):
-            qk = cpu_rows.rope_half(qk, *rope)
-        else:
-            qk = rot(qk, rope)  # one rotation for queries and keys
+        qk = rot(qkv[..., : nq + nk].view(b, s, self.n_heads + self.n_kv, self.hd), rope)  # one rotation
         q, k, v = qk[:, :, : self.n_heads], qk[:, :, self.n_heads:].reshape(b, s, nk), qkv[..., nq + nk:]
         if cache is not None:
             ck, cv = cache
