@@ -370,7 +370,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
     k, n = x.shape[-1], w.shape[0]
     m = x.numel() // k
-    y = torch.empty(*x.shape[:-1], n)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     if not w.is_contiguous():
         w = w.contiguous()
     lib, bf16, nt = _lib or _build(), int(w.dtype == torch.bfloat16), torch.get_num_threads()
@@ -378,9 +378,12 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     xp, yp = x.data_ptr(), y.data_ptr()
     for lo in range(0, m, MAX_M):
         if dot is not None:
-            dot.small_m_linear_bf16_dot(xp + 4 * lo * k, w.data_ptr(), yp + 4 * lo * n, min(MAX_M, m - lo), n, k, nt)
+            rc = dot.small_m_linear_bf16_dot(xp + 4 * lo * k, w.data_ptr(), yp + 4 * lo * n, min(MAX_M, m - lo), n, k,
+                                             nt)
         else:
-            lib.small_m_linear(xp + 4 * lo * k, w.data_ptr(), yp + 4 * lo * n, min(MAX_M, m - lo), n, k, bf16, nt)
+            rc = lib.small_m_linear(xp + 4 * lo * k, w.data_ptr(), yp + 4 * lo * n, min(MAX_M, m - lo), n, k, bf16, nt)
+        if rc:
+            raise MemoryError(f"CPU linear kernel failed ({rc}) on {m} x {k} @ {n} x {k}")
     return y if dtype == torch.float32 else y.to(dtype)
 
 
@@ -399,7 +402,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     T, KVH, Dv = k.shape[1], k.shape[2], v.shape[3]
     q = q.float().contiguous()
     mask = mask.contiguous().view(torch.uint8)
-    out = torch.empty(B, S, H, Dv)
+    out = torch.empty(B, S, H, Dv, dtype=torch.float32)
     _build().attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), B, S, H, KVH,
                        Dk, Dv, T, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                        scale, torch.get_num_threads())

@@ -85,7 +85,8 @@ static inline __m256 exp8(__m256 x) {
 }
 
 /* y[m, j] = silu(g[m, j]) * g[m, I + j] for g (M x 2I), SwiGLU's gate and up halves side by side;
-   every element the same way (8-lane exp; the I % 8 tail through the same code, padded). */
+   every element the same way (8-lane exp; the I % 8 tail through the same code, padded). At -inf
+   it gives -inf * up where torch gives NaN; activations never get there. */
 void silu_mul(const float* g, float* y, int64_t M, int64_t I) {
   for (int64_t m = 0; m < M; ++m) {
     const float* a = g + m * 2 * I;
@@ -116,15 +117,15 @@ void silu_mul(const float* g, float* y, int64_t M, int64_t I) {
   }
 }
 
-/* Rotary for T tokens of H heads of D: with the token's cos and sin (D/2 each) and x1, x2 the halves
-   (Llama's rotate_half) or the even and odd elements (DeepSeek's pairs, `pairs`), y = [x1 c - x2 s |
-   x2 c + x1 s] (contiguous). Tokens of x are xs floats apart, heads xh. */
-void rope(const float* x, int64_t xs, int64_t xh, const float* cs, const float* sn, float* y,
-          int64_t T, int64_t H, int64_t D, int pairs) {
+/* Rotary for B x S tokens of H heads of D: with the token's cos and sin (D/2 each) and x1, x2 the
+   halves (Llama's rotate_half) or the even and odd elements (DeepSeek's pairs, `pairs`), y = [x1 c -
+   x2 s | x2 c + x1 s] (contiguous). x's batch rows are xb floats apart, tokens xs, heads xh. */
+void rope(const float* x, int64_t xb, int64_t xs, int64_t xh, const float* cs, const float* sn, float* y,
+          int64_t B, int64_t S, int64_t H, int64_t D, int pairs) {
   const int64_t h2 = D / 2, step = pairs ? 2 : 1, off = pairs ? 1 : h2;
-  for (int64_t t = 0; t < T; ++t)
+  for (int64_t t = 0; t < B * S; ++t)
     for (int64_t h = 0; h < H; ++h) {
-      const float* r = x + t * xs + h * xh;
+      const float* r = x + (t / S) * xb + (t % S) * xs + h * xh;
       const float* c = cs + t * h2;
       const float* s = sn + t * h2;
       float* o = y + (t * H + h) * D;
@@ -150,8 +151,8 @@ def _build():
             lib.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
             lib.silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-            lib.rope.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3
-                                 + [ctypes.c_int64] * 3 + [ctypes.c_int])
+            lib.rope.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+                                 + [ctypes.c_int64] * 4 + [ctypes.c_int])
             for f in (lib.rms_norm, lib.silu_mul, lib.rope):
                 f.restype = None
             _lib = lib
@@ -164,16 +165,21 @@ def usable(x: torch.Tensor) -> bool:
     """Whether these kernels take x: fp32 on the CPU, last dim contiguous, outside torch.compile
     (shapes and dtypes only), and the kernels built. Callers ask only where `compile_steps` turned
     the CPU kernels on (so `cpu_linear.available()` and MTP_SPEC_CPU_LINEAR have had their say)."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1 and x.dim() >= 2
-            and (_lib if _tried else _build()) is not None and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling() and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.stride(-1) == 1 and x.dim() >= 2 and (_lib if _tried else _build()) is not None)
+
+
+def rms_norm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """`usable`, and a weight the kernel reads (fp32 or bf16)."""
+    return w.dtype in (torch.float32, torch.bfloat16) and usable(x)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """w * (x / rms(x)) over the last dim; w fp32 or bf16. Rows of x may be strided."""
+    """w * (x / rms(x)) over the last dim; w fp32 or bf16 (`rms_norm_usable`). Rows of x may be strided."""
     d = x.shape[-1]
     rows = x.reshape(-1, d)  # a view where x's rows are evenly strided, else a copy
     w = w.contiguous()
-    y = torch.empty(x.shape)
+    y = torch.empty(x.shape, dtype=torch.float32)
     _build().rms_norm(rows.data_ptr(), rows.stride(0), w.data_ptr(), int(w.dtype == torch.bfloat16), y.data_ptr(),
                       rows.shape[0], d, eps)
     return y
@@ -183,21 +189,20 @@ def silu_mul(g: torch.Tensor) -> torch.Tensor:
     """silu(g[..., :I]) * g[..., I:] for g (..., 2I)."""
     g = g.contiguous()
     i = g.shape[-1] // 2
-    y = torch.empty(*g.shape[:-1], i)
+    y = torch.empty(*g.shape[:-1], i, dtype=torch.float32)
     _build().silu_mul(g.data_ptr(), y.data_ptr(), g.numel() // (2 * i), i)
     return y
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: bool) -> torch.Tensor:
-    """x (b, s, h, d), or (b, s, d) for one head, rotated by cos, sin (b, s, 1, d/2) the Llama way
-    (halves) or DeepSeek's (pairs, output [even' | odd']), as layers.Rotary does. x may be a view into
-    a wider output (heads and tokens strided). Returns a contiguous tensor."""
+    """x (b, s, h, d), or (b, s, d) for one head, rotated by cos, sin (broadcastable to (b, s, 1, d/2))
+    the Llama way (halves) or DeepSeek's (pairs, output [even' | odd']), as layers.Rotary does. x may
+    be a view into a wider output (any batch, token and head strides). Returns a contiguous tensor."""
     xv = x if x.dim() == 4 else x.unsqueeze(2)
     b, s, h, d = xv.shape
-    if b > 1 and xv.stride(0) != s * xv.stride(1):
-        xv = xv.contiguous()
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    y = torch.empty(x.shape)
-    _build().rope(xv.data_ptr(), xv.stride(1), xv.stride(2), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), b * s, h, d,
-                  int(pairs))
+    cos = cos.expand(b, s, 1, d // 2).float().contiguous()
+    sin = sin.expand(b, s, 1, d // 2).float().contiguous()
+    y = torch.empty(x.shape, dtype=torch.float32)
+    _build().rope(xv.data_ptr(), xv.stride(0), xv.stride(1), xv.stride(2), cos.data_ptr(), sin.data_ptr(),
+                  y.data_ptr(), b, s, h, d, int(pairs))
     return y

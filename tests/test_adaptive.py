@@ -379,3 +379,17 @@ def test_the_report_predicts_a_fixed_k_cell_from_the_cost_table():
     assert predicted_speedup(cost, [0.8, 0.5], 2, 1) == pytest.approx(2.2 * 10 / 16)
     assert math.isnan(predicted_speedup(cost, [0.8, 0.5], "auto", 1))
     assert math.isnan(predicted_speedup(None, [0.8], 1, 1))
+
+
+def test_measured_tables_are_smoothed_to_a_line_that_does_not_fall():
+    from mtp_spec.decoding.cost import Table, smooth
+
+    t = Table({(1, 1): 3.6, (2, 1): 4.5, (3, 1): 5.6, (4, 1): 4.4, (5, 1): 4.2,  # noisy, from a busy CPU
+               (1, 4): 5.0, (2, 4): 4.0, (3, 4): 3.0, (1, 8): 7.0, (2, 8): 9.0})
+    smooth(t)
+    row = [t.points[(n, 1)] for n in range(1, 6)]
+    assert row == sorted(row) and abs(sum(row) / 5 - 4.46) < 1e-9  # a line through the mean
+    steps = [b - a for a, b in zip(row, row[1:])]
+    assert max(steps) - min(steps) < 1e-9 and steps[0] > 0
+    assert [t.points[(n, 4)] for n in (1, 2, 3)] == pytest.approx([4.0] * 3)  # falling: flat at the mean
+    assert (t.points[(1, 8)], t.points[(2, 8)]) == (7.0, 9.0)  # two points: left as measured

@@ -128,3 +128,26 @@ def test_rope_matches_the_rotary_module(family):
     assert torch.equal(one, got[1:, 3:4])
     k = fused[..., :64]  # one head without a head axis (MLA's shared roped key)
     torch.testing.assert_close(R.rope(k, *rope, pairs=family == "deepseek"), rot(k, rope), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_takes_any_strides_and_broadcast_tables():
+    from types import SimpleNamespace
+
+    from mtp_spec.kernels import cpu_rows as R
+    from mtp_spec.model.layers import Rotary
+
+    rot = Rotary(SimpleNamespace(family="llama", head_dim=32, rope_theta=1e4), 64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 1, 32, generator=g).transpose(1, 2)  # s = 1: torch calls it contiguous
+    rope = rot.tables(torch.arange(1).view(1, 1))  # one table row for the whole batch
+    torch.testing.assert_close(R.rope(x, *rope, pairs=False), rot(x, rope), rtol=1e-6, atol=1e-6)
+
+
+def test_rms_norm_module_leaves_fp16_weights_to_torch():
+    from mtp_spec.model.layers import RMSNorm
+
+    norm = RMSNorm(64).to(torch.float16)
+    x = torch.randn(2, 3, 64)
+    ref = norm(x)
+    norm.small_m = True
+    assert torch.equal(norm(x), ref)

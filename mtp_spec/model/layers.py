@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.small_m = False  # set by compile_steps(): CPU steps use kernels/cpu_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small_m and cpu_rows.usable(x):
+        if self.small_m and cpu_rows.rms_norm_usable(x, self.weight):
             return cpu_rows.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # one fused op instead of six
             return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
