@@ -138,7 +138,9 @@ def build_at(rev: str):
     """The kernels' C source at `rev`, compiled into a temporary library."""
     text = subprocess.run(["git", "show", f"{rev}:kernels/cpu_linear.py"], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).parent).stdout
-    src = re.search(r'_SOURCE = r"""(.*?)"""', text, re.S).group(1)
+    pre = re.search(r'PRELUDE = r"""(.*?)"""', text, re.S)  # the shared C helpers, where the revision has them
+    m = re.search(r'\n_SOURCE = (PRELUDE \+ )?r"""(.*?)"""', text, re.S)
+    src = (pre.group(1) if m.group(1) else "") + m.group(2)
     tmp = Path(tempfile.mkdtemp())
     (tmp / "k.c").write_text(src)
     subprocess.run(["gcc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(tmp / "k.c"),

@@ -43,14 +43,14 @@ from pathlib import Path
 import torch
 
 MAX_M = 16
-_SOURCE = r"""
+# Shared by every C source here and in cpu_rows.py: loads, the fixed-order horizontal sum, FOR_M.
+PRELUDE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define PREFETCH 1024  /* elements ahead of the row being read */
 /* unrolled, so the per-row accumulators stay in registers (a plain loop kept them on the stack) */
 #define FOR_M(M) _Pragma("GCC unroll 4") for (int m = 0; m < (M); ++m)
 
@@ -66,6 +66,9 @@ static inline float hsum(__m256 v) {  /* (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), 
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
+"""
+_SOURCE = PRELUDE + r"""
+#define PREFETCH 1024  /* elements ahead of the row being read */
 
 #define ROW(M, T)                                                                                   \
 static void row_##T##_##M(const float* __restrict x, const void* w, float* __restrict y,             \
@@ -175,20 +178,8 @@ void attention(const float* q, const float* k, const float* v, const uint8_t* ma
 }
 """
 
-_BF16_SOURCE = r"""
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-
+_BF16_SOURCE = PRELUDE + r"""
 #define PREFETCH 1024  /* bf16 elements ahead of the row being read */
-#define FOR_M(M) _Pragma("GCC unroll 4") for (int m = 0; m < (M); ++m)
-
-static inline float hsum(__m256 v) {  /* the AVX2 kernel's fixed order */
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 /* One weight row against M input rows (bf16), on 256-bit registers (512-bit ones made the one-row
    decode ~8% slower on Zen 4): 32 elements per step in two 16-element chunks, each into its own

@@ -1,4 +1,4 @@
-"""Row-wise ops of a CPU step in C: RMSNorm, SwiGLU's silu(a) * b, and the Llama family's rotary.
+"""Row-wise ops of a CPU step in C: RMSNorm, SwiGLU's silu(a) * b, and the rotary of both families.
 
 A decode step of SmolLM2-135M spends ~8 of its ~20 ms outside the matrix products and attention,
 in ~3,800 small torch ops (experiments/profile_cpu_step.py --ops). `F.rms_norm` alone, 61 calls,
@@ -21,26 +21,12 @@ import torch
 
 from mtp_spec.kernels import cpu_linear
 
-_SOURCE = r"""
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+_SOURCE = cpu_linear.PRELUDE + r"""
 static inline __m256 load8_w(const void* w, int bf16, int64_t i) {
-  if (!bf16) return _mm256_loadu_ps((const float*)w + i);
-  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)w + i));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return bf16 ? load8_bf16((const uint16_t*)w + i) : load8_f32((const float*)w + i);
 }
 static inline float scalar_w(const void* w, int bf16, int64_t i) {
-  if (!bf16) return ((const float*)w)[i];
-  uint32_t u = ((uint32_t)((const uint16_t*)w)[i]) << 16; float f; memcpy(&f, &u, 4); return f;
+  return bf16 ? scalar_bf16(((const uint16_t*)w)[i]) : ((const float*)w)[i];
 }
 
 /* y = w * (x * 1 / sqrt(mean(x^2) + eps)), row by row; rows of x are xs floats apart. */
