@@ -2,7 +2,7 @@
 
 Every ratio is measured in this one run, strategies interleaved per prompt (rotating order):
 
-1. per suite (held-out code completions, chat requests): vanilla, mtp k=1..3, mtp-tree, ngram and
+1. per suite (held-out code completions, chat requests): vanilla, mtp k=1..3, mtp-tree, mtp-ngram, ngram and
    transformers (plain `generate`, prompt lookup) on the same weights; tokens/s, AL, AR, per-position
    acceptance, the median per-prompt speedup over our vanilla with a 95% CI, and the lossless column
    (outputs equal to our vanilla, with numerical ties reported separately);
@@ -11,7 +11,8 @@ Every ratio is measured in this one run, strategies interleaved per prompt (rota
 4. with --kernels, where the CPU has AVX-512 BF16: vanilla and mtp k=1..3 on the code prompts with
    each kernel for bf16 weights (kernels/cpu_linear.py), interleaved, and the step costs of each.
 
-    python experiments/bench_smollm2.py [--n-code 9] [--n-chat 6] [--max-new 96] [--kernels] [--json out.json]
+    python experiments/bench_smollm2.py [--n-code 9] [--n-chat 6] [--max-new 96] [--strategies mtp:3,ngram:3]
+        [--no-transformers] [--kernels] [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mtp_spec.experiment.schema import load_prompts, resolve_suite  # noqa: E402
 from mtp_spec.loader import resolve_model  # noqa: E402
 from mtp_spec.tokenizer import load_tokenizer  # noqa: E402
 
-STRATEGIES = [("mtp", 1), ("mtp", 2), ("mtp", 3), ("mtp-tree", 3), ("ngram", 3)]
+STRATEGIES = [("mtp", 1), ("mtp", 2), ("mtp", 3), ("mtp-tree", 3), ("mtp-ngram", 2), ("mtp-ngram", 3), ("ngram", 3)]
 
 
 def transformers_runners(path: Path, tok, max_new: int) -> dict:
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--strategies", help="e.g. mtp:3,mtp-ngram:3 (default: every one of STRATEGIES; mtp k=1..3 "
+                                         "are always run, for the predicted-speedup check)")
     ap.add_argument("--kernels", action="store_true", help="also compare the two bf16 kernels (section 4)")
     ap.add_argument("--json", help="write every number here too")
     a = ap.parse_args()
@@ -71,6 +74,10 @@ def main() -> None:
               "chat": load_prompts(resolve_suite("chat"))[:: max(1, 60 // a.n_chat)][: a.n_chat]}
     report: dict = {"model": str(path), "max_new": a.max_new, "suites": {}}
     hf = {} if a.no_transformers else transformers_runners(path, tok, a.max_new)
+    strategies = STRATEGIES
+    if a.strategies:
+        strategies = [(s.split(":")[0], int(s.split(":")[1])) for s in a.strategies.split(",")]
+        strategies = [("mtp", k) for k in (1, 2, 3) if ("mtp", k) not in strategies] + strategies
 
     def ours(strategy, k):
         eng = Engine(model, make_proposer(strategy, model, k, 2) if strategy != "vanilla" else None)
@@ -79,7 +86,7 @@ def main() -> None:
     for name, rows in suites.items():
         prompts = [tok.chat(r["messages"]) if "messages" in r else tok.encode(r["prompt"]) for r in rows]
         runners = {"vanilla": ours("vanilla", 0)}
-        runners.update({f"{s} k={k}" + (" w=2" if s == "mtp-tree" else ""): ours(s, k) for s, k in STRATEGIES})
+        runners.update({f"{s} k={k}" + (" w=2" if s == "mtp-tree" else ""): ours(s, k) for s, k in strategies})
         runners.update(hf)
         recs = interleaved(prompts, runners)
         base = recs["vanilla"]

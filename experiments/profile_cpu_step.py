@@ -102,13 +102,17 @@ def op_table(model, ctx: int = 160, reps: int = 10, rows: int = 18) -> None:
                       f"{e.self_cpu_time_total / e.count:8.1f}")
 
 
-def forward_variants(model, ctx: int = 160, reps: int = 15) -> None:
+def forward_variants(model, ctx: int = 160, reps: int = 15, base=None) -> None:
     """Forwards of s tokens with today's kernels and with parts of them off, taking turns: the
-    AVX-512 BF16 linear (where the CPU has it) or the AVX2 one, with or without kernels/cpu_rows."""
-    dot, rows_usable = C.bf16_dot_kernel(), R.usable
-    variants = {"AVX2 linear, torch row ops": (None, lambda x: False), "AVX2 linear, C row ops": (None, rows_usable)}
+    AVX-512 BF16 linear (where the CPU has it) or the AVX2 one, with or without kernels/cpu_rows,
+    and (with --base) the linear and attention kernels of that revision."""
+    dot, rows_usable, lib = C.bf16_dot_kernel(), R.usable, C._build()
+    variants = {"AVX2 linear, torch row ops": (None, lambda x: False, lib),
+                "AVX2 linear, C row ops": (None, rows_usable, lib)}
     if dot is not None:
-        variants["BF16-dot linear, C row ops"] = (dot, rows_usable)
+        variants["BF16-dot linear, C row ops"] = (dot, rows_usable, lib)
+    if base is not None:
+        variants[f"kernels at {base[0]}, C row ops"] = (None, rows_usable, base[1])
     g = torch.Generator().manual_seed(0)
     cache = model.new_cache(1, 256)
     xs = {s: torch.randint(0, model.args.vocab_size, (1, s), generator=g) for s in (1, 2, 4, 8)}
@@ -118,15 +122,15 @@ def forward_variants(model, ctx: int = 160, reps: int = 15) -> None:
         cache.lengths += ctx
         try:
             for rep in range(reps + 1):
-                for n, (lib, usable) in variants.items():
-                    C._dot, R.usable = lib, usable
+                for n, (dl, usable, kl) in variants.items():
+                    C._dot, R.usable, C._lib = dl, usable, kl
                     for s, x in xs.items():
                         t0 = time.perf_counter()
                         model(x, cache=cache, step=True)
                         if rep:
                             ts[(n, s)].append(time.perf_counter() - t0)
         finally:
-            C._dot, R.usable = C._build_dot(), rows_usable
+            C._dot, R.usable, C._lib = C._build_dot(), rows_usable, lib
     print(f"\n## forwards with parts of the kernels off, taking turns (median of {reps}, ms, x s=1)")
     for n in variants:
         one = statistics.median(ts[(n, 1)])
@@ -221,7 +225,7 @@ def main() -> None:
     print(f"# {a.model}, bf16 weights, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"compile {a.compile}\n")
     forward_breakdown(model, f"{C.kind()} kernel")
-    forward_variants(model)
+    forward_variants(model, base=(a.base, build_at(a.base)) if a.base else None)
     if a.ops:
         op_table(model)
     if a.base:

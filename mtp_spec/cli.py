@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mtp_spec.decoding.strategies import STRATEGIES
+from mtp_spec.decoding.strategies import MTP_DRAFTERS, STRATEGIES
 from mtp_spec.loader import COMPILE, DTYPES
 
 
@@ -137,8 +137,9 @@ def cmd_generate(a) -> int:
                           mtp_hidden=a.mtp_hidden, compile=a.compile)
     strategy = a.strategy or ("mtp" if model.mtp is not None else "vanilla")
     if a.draft_vocab is not None:
-        if strategy not in ("mtp", "mtp-tree"):
-            raise ValueError(f"--draft-vocab works with --strategy mtp or mtp-tree, not {strategy}")
+        if strategy not in MTP_DRAFTERS:
+            raise ValueError(f"--draft-vocab works with the MTP strategies ({', '.join(MTP_DRAFTERS)}), "
+                             f"not {strategy}")
         from mtp_spec.draft_vocab import apply_draft_vocab
 
         apply_draft_vocab(model, a.draft_vocab, a.model)  # before the proposer: --k auto times this draft step
@@ -404,9 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "0..4, from acceptance and step times); default: auto for mtp, else 3")
     g.add_argument("--tree-width", type=int, default=2, help="branches per level for mtp-tree")
     g.add_argument("--draft-model", help="checkpoint dir of the draft model for draft-model")
-    g.add_argument("--ngram-max", type=int, default=3)
+    g.add_argument("--ngram-max", type=int, default=3, help="ngram, mtp-ngram: longest suffix looked up")
     g.add_argument("--draft-vocab", type=int, metavar="N",
-                   help="mtp/mtp-tree: the MTP head drafts from the N most frequent tokens only (FR-Spec; "
+                   help="mtp, mtp-tree, mtp-ngram: the MTP head drafts from the N most frequent tokens only (FR-Spec; "
                         "MODEL/token_counts.json); verification keeps the full head, so output is unchanged")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

@@ -42,7 +42,7 @@ def test_generate_json_honours_the_key_contract(ckpt, capsys):
         assert rec["num_draft_tokens"] == r.metrics.num_draft_tokens
 
 
-@pytest.mark.parametrize("strategy", ["vanilla", "mtp", "mtp-tree", "ngram"])
+@pytest.mark.parametrize("strategy", ["vanilla", "mtp", "mtp-tree", "mtp-ngram", "ngram"])
 def test_every_strategy_gives_the_same_greedy_text(ckpt, capsys, strategy):
     main(["generate", "--model", str(ckpt), "--prompt-ids", "5,6,7,5,6", "--max-new-tokens", "10", "--json",
           "--strategy", strategy])

@@ -66,7 +66,8 @@ def _attention_ref(q, k, v, mask, scale):
     return torch.einsum("bsht,bthd->bshd", sc.softmax(-1), vv)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 9, 3, 64, 64, 40), (1, 5, 4, 1, 40, 32, 33), (3, 1, 6, 2, 16, 16, 70)])
+@pytest.mark.parametrize("shape", [(2, 3, 9, 3, 64, 64, 40), (1, 5, 4, 1, 40, 32, 33), (3, 1, 6, 2, 16, 16, 70),
+                                   (1, 4, 6, 3, 20, 67, 45), (2, 2, 4, 2, 64, 72, 128)])
 def test_attention_matches_torch_and_is_batch_invariant(shape):
     b, s, h, kvh, dk, dv, t = shape
     g = torch.Generator().manual_seed(t)
@@ -79,6 +80,32 @@ def test_attention_matches_torch_and_is_batch_invariant(shape):
     torch.testing.assert_close(got.double(), _attention_ref(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-5)
     for i in range(s):
         assert torch.equal(C.attention(q[:, i:i + 1], k, v, mask[:, i:i + 1], 0.3)[:, 0], got[:, i])
+
+
+@pytest.mark.parametrize("d", [24, 72, 67])
+def test_attention_ignores_masked_slots_and_gives_zeros_for_an_empty_row(d):
+    """Slots past a sequence's length hold whatever was there (rolled-back drafts, uninitialised
+    memory): NaN or inf in them must not reach the output, and a query that sees nothing gets zeros.
+    A NaN where the query looks still gives NaN, as in torch."""
+    g = torch.Generator().manual_seed(1)
+    q, cache = torch.randn(2, 3, 4, d, generator=g), torch.randn(2, 50, 2, d, generator=g)
+    mask = torch.zeros(2, 3, 50, dtype=torch.bool)
+    mask[0, :, :17] = True
+    mask[1, 0, 5:30] = True
+    mask[1, 1, 3] = True
+    dirty = cache.clone()
+    dirty[~mask.any(1)[..., None, None].expand_as(dirty)] = float("nan")
+    dirty[0, 40, 0] = float("inf")
+    got = C.attention(q, dirty, dirty, mask, 0.2)
+    ref = C.attention(q, cache, cache, mask, 0.2)
+    assert torch.equal(got, ref) and not got.isnan().any()
+    assert torch.equal(got[1, 2], torch.zeros(4, d))
+    torch.testing.assert_close(got[:, :2].double(), _attention_ref(q[:, :2], cache, cache, mask[:, :2], 0.2),
+                               rtol=1e-5, atol=1e-5)
+    nan_key = cache.clone()
+    nan_key[0, 9, 1, 3] = float("nan")  # visible to batch row 0's queries; heads 2, 3 read KV head 1
+    out = C.attention(q, nan_key, cache, mask, 0.2)
+    assert out[0, :, 2:].isnan().all() and not out[0, :, :2].isnan().any() and not out[1].isnan().any()
 
 
 def test_the_linear_runs_inside_torch_compile_without_a_graph_break():

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import mtp_spec
+from mtp_spec.decoding import proposers as proposers_mod
 from mtp_spec.decoding.engine import Engine
 from mtp_spec.decoding.proposers import (
     DraftModelProposer,
+    MTPNGramProposer,
     MTPProposer,
     MTPTreeProposer,
     NGramProposer,
@@ -81,6 +83,8 @@ def _proposers(model, noisy_draft, refs, k, seed):
         "mtp": MTPProposer(model, k),
         "mtp-steered": SteeredMTP(model, k, refs, seed),
         "ngram": NGramProposer(k, n_max=3),
+        "mtp-ngram": MTPNGramProposer(model, k),
+        "mtp-ngram-1": MTPNGramProposer(model, k, ngram_min=1),  # far more lookups; ragged rows mix both
         "draft-model": DraftModelProposer(noisy_draft, k),
         "oracle-right": OracleProposer(refs, k, model.args.vocab_size),
         "oracle-wrong": OracleProposer(refs, k, model.args.vocab_size, wrong=True),
@@ -167,6 +171,23 @@ def test_tree_of_width_one_drafts_exactly_the_chain(model):
 
 
 @torch.no_grad()
+def test_mtp_ngram_catches_up_after_many_lookup_steps(model, monkeypatch):
+    """Lookup-only steps leave committed pairs waiting for the MTP layer; however many such steps come
+    first (the prompts' own extend waiting too), the waiting pairs must stay within the MTP cache when
+    a row finally needs an MTP draft, and the output must stay vanilla's."""
+    calls = {"n": 0}
+
+    def lookup_then_miss(tokens, k, n_max, n_min):
+        calls["n"] += 1
+        return [tokens[-1]] * k if calls["n"] <= 60 else []  # drafts that are mostly wrong: few accepted
+
+    monkeypatch.setattr(proposers_mod, "lookup", lookup_then_miss)
+    prompts = [[3, 1, 4, 1, 5]]  # with 110 new tokens: caches of 128 slots (the MTP's + 11)
+    ref = _vanilla(model, prompts, 110)
+    got = Engine(model, MTPNGramProposer(model, 4)).generate(prompts, 110)
+    assert calls["n"] > 60 and got[0].token_ids == ref[0].token_ids
+
+
 def test_mtp_chain_drafts_equal_an_uncached_recomputation(model):
     ids = torch.tensor([[5, 9, 200, 31, 7, 7, 64]])
     h = model(ids).hidden_states

@@ -350,4 +350,5 @@ def test_count_tokens_command_writes_a_counts_file_that_generate_uses(tmp_path, 
     assert main(args + ["--draft-vocab", "0"]) == 2
     assert "--draft-vocab must be a whole number in [1, 8192]" in capsys.readouterr().err
     assert main(args + ["--draft-vocab", "64", "--strategy", "ngram", "--k", "2"]) == 2
-    assert "--draft-vocab works with --strategy mtp or mtp-tree" in capsys.readouterr().err
+    assert "--draft-vocab works with the MTP strategies (mtp, mtp-tree, mtp-ngram), not ngram" in \
+        capsys.readouterr().err

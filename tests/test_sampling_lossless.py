@@ -9,13 +9,20 @@ import mtp_spec
 from mtp_spec.config import ModelArgs
 from mtp_spec.decoding import verify as verify_mod
 from mtp_spec.decoding.engine import Engine
-from mtp_spec.decoding.proposers import DraftModelProposer, MTPProposer, MTPTreeProposer, NGramProposer
+from mtp_spec.decoding.proposers import (
+    DraftModelProposer,
+    MTPNGramProposer,
+    MTPProposer,
+    MTPTreeProposer,
+    NGramProposer,
+)
 from mtp_spec.decoding.sampling import SamplingParams, probs
 from mtp_spec.random_model import write_random_checkpoint
 
 V = 8
 N = 20_000
 PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # repetitive, so that n-gram lookup proposes
+EVERY_TOKEN = [0, 1, 2, 3, 4, 5, 6, 7, 1, 2]  # every token seen: a 1-gram lookup always finds one
 
 
 @pytest.fixture(scope="module", params=["off", "auto"])
@@ -36,14 +43,14 @@ def models(tmp_path_factory, request):
 
 
 @torch.no_grad()
-def exact_joint(model, sp: SamplingParams) -> torch.Tensor:
+def exact_joint(model, sp: SamplingParams, prompt: list[int] = PROMPT) -> torch.Tensor:
     """P(t1, t2, t3) under plain autoregressive sampling, shape (V, V, V)."""
     grid = torch.cartesian_prod(torch.arange(V), torch.arange(V))
-    ids = torch.cat([torch.tensor(PROMPT).expand(len(grid), -1), grid], 1)
+    ids = torch.cat([torch.tensor(prompt).expand(len(grid), -1), grid], 1)
     logits = model(ids).logits
-    p1 = probs(logits[0, len(PROMPT) - 1], sp)
-    p2 = probs(logits[:V * V:V, len(PROMPT)], sp)  # rows where t1 = 0..V-1
-    p3 = probs(logits[:, len(PROMPT) + 1], sp).view(V, V, V)
+    p1 = probs(logits[0, len(prompt) - 1], sp)
+    p2 = probs(logits[:V * V:V, len(prompt)], sp)  # rows where t1 = 0..V-1
+    p3 = probs(logits[:, len(prompt) + 1], sp).view(V, V, V)
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
@@ -59,8 +66,8 @@ def chi_square_p(samples: torch.Tensor, p: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2))
 
 
-def run(model, proposer, sp):
-    res = Engine(model, proposer).generate([PROMPT] * N, max_new_tokens=3, sp=sp, seed=1234)
+def run(model, proposer, sp, prompt: list[int] = PROMPT):
+    res = Engine(model, proposer).generate([prompt] * N, max_new_tokens=3, sp=sp, seed=1234)
     drafted = sum(r.metrics.num_draft_tokens for r in res)
     accepted = sum(r.metrics.num_accepted_tokens for r in res)
     return torch.tensor([r.token_ids for r in res]), drafted, accepted
@@ -69,6 +76,11 @@ def run(model, proposer, sp):
 CASES = {
     "mtp-sampled-drafts": (lambda t, d: MTPProposer(t, 2), SamplingParams(temperature=1.0)),
     "ngram": (lambda t, d: NGramProposer(2, n_max=2), SamplingParams(temperature=0.8)),
+    # rows whose first token makes a seen 2-gram look up, the others take MTP drafts: steps mix both
+    "mtp-ngram": (lambda t, d: MTPNGramProposer(t, 2), SamplingParams(temperature=1.0)),
+    # every row finds a 1-gram at every step: the MTP layer only catches up (and its draws are skipped)
+    "mtp-ngram-all-lookup": (lambda t, d: MTPNGramProposer(t, 2, ngram_min=1), SamplingParams(temperature=1.0),
+                             EVERY_TOKEN),
     "mtp-tree": (lambda t, d: MTPTreeProposer(t, 2, width=2), SamplingParams(temperature=1.0, top_k=5)),
     "draft-model": (lambda t, d: DraftModelProposer(d, 2), SamplingParams(temperature=1.0, top_k=6, top_p=0.9)),
 }
@@ -77,12 +89,13 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sampled_speculative_decoding_matches_the_target_distribution(models, case):
     target, draft = models
-    make, sp = CASES[case]
-    samples, drafted, accepted = run(target, make(target, draft), sp)
+    make, sp, *prompt = CASES[case]
+    prompt = prompt[0] if prompt else PROMPT
+    samples, drafted, accepted = run(target, make(target, draft), sp, prompt)
     assert samples.shape == (N, 3)
     # meaningful only if drafts were proposed and judged both ways
     assert drafted > N // 2 and 0.01 * drafted < accepted < 0.99 * drafted, (drafted, accepted)
-    p = chi_square_p(samples, exact_joint(target, sp))
+    p = chi_square_p(samples, exact_joint(target, sp, prompt))
     assert p > 1e-3, f"{case}: chi-square p = {p:.2e}"
 
 

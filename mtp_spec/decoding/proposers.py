@@ -115,7 +115,7 @@ class MTPProposer(Proposer):
     def _queue(self, st: DecodeState) -> None:
         """Put the pairs the last step committed behind those still waiting for an extend (row i's
         real ones are its first counts[i]; the rest is scratch)."""
-        h, t, n = st.hidden, st.next_tokens, st.n_new
+        h, t, n = st.hidden, st.next_tokens.clamp(min=0), st.n_new  # scratch slots may hold -1 (no draft)
         if self.pending is not None:
             ph, pt, pn = self.pending
             at = pn[:, None] + torch.arange(t.shape[1], device=t.device)
@@ -296,6 +296,55 @@ class AutoMTPProposer(MTPProposer):
         b = len(self.rows)
         mtp = (self.cost.extend(width, b) if width else 0.0) + max(k - 1, 0) * self.cost.draft(b)
         self.cost.observe_step(k, b, seconds, mtp)
+
+
+class MTPNGramProposer(MTPProposer):
+    """MTP chains, with prompt lookup taking over where the text repeats itself (code that reuses its
+    own names and lines). Before each step every active row looks up its newest n-gram (n from
+    ngram_max down to ngram_min) in its own text; a row that finds one proposes the (up to) k tokens
+    that followed it, deterministically (q one-hot), and the others take the MTP layer's chain. When
+    every active row found one, the MTP layer does not run: the committed pairs wait for the next
+    draft extend, and a step extends them anyway before the next step's pairs would make more than
+    `lag` wait, so extends stay step-sized and within the MTP cache. The choice reads committed
+    tokens only, never this step's drafts: greedy output stays vanilla's and sampled output keeps the
+    target's distribution. Each row's generator advances by k draft draws every step, whichever
+    drafter served it, so a request's sampled output does not depend on its batch-mates' lookups."""
+
+    name = "mtp-ngram"
+
+    def __init__(self, model, k: int, ngram_max: int = 3, ngram_min: int = 2, sample_drafts: bool = True):
+        super().__init__(model, k, sample_drafts)
+        ngram_min = min(ngram_min, ngram_max)
+        if ngram_min < 1:
+            raise ValueError(f"ngram_max must be >= 1, got {ngram_max}")
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self.lag = 2 * (k + 1)
+
+    @torch.no_grad()
+    def propose(self, st: DecodeState, sp: SamplingParams) -> DraftBatch:
+        found = [lookup(t, self.k, self.ngram_max, self.ngram_min) if a else []
+                 for t, a in zip(st.tokens, st.active)]
+        self._queue(st)
+        if all(f or not a for f, a in zip(found, st.active)):
+            if self.pending[1].shape[1] + self.k + 1 > self.lag:
+                self._flush()  # catch up (at first: the prompts), before the next step's pairs overrun lag
+            if not sp.greedy and self.sample_drafts:  # the draws the MTP chain would have taken
+                for _ in range(self.k):
+                    sample_rows(torch.ones(len(found), self.mtp.args.vocab_size), st.gens)
+            return DraftBatch.from_lists([Drafts.chain(f) for f in found], st.device, width=self.k)
+        logits, h = self._flush()
+        drafts = self._draft_from(logits, h, st, sp, self.k)
+        if not any(found):
+            return drafts
+        toks, q = drafts.tokens.clone(), None if drafts.q is None else drafts.q.clone()
+        for i, f in enumerate(found):
+            if f:
+                toks[i] = -1
+                toks[i, : len(f)] = torch.tensor(f, device=toks.device)
+                if q is not None:
+                    q[i] = 0
+                    q[i, torch.arange(len(f), device=q.device), toks[i, : len(f)]] = 1
+        return DraftBatch(toks, None, q)
 
 
 class MTPTreeProposer(MTPProposer):

@@ -8,7 +8,8 @@ import torch
 from mtp_spec.decoding import proposers as P
 from mtp_spec.decoding.cost import CostModel
 
-STRATEGIES = ("vanilla", "mtp", "mtp-tree", "ngram", "draft-model")
+STRATEGIES = ("vanilla", "mtp", "mtp-tree", "mtp-ngram", "ngram", "draft-model")
+MTP_DRAFTERS = ("mtp", "mtp-tree", "mtp-ngram")  # the strategies that draft with the MTP layer
 AUTO_K_MAX = 4  # deepest draft chain `k="auto"` considers
 # Not strategies of ours: other implementations an experiment times on the same prompts and weights
 # (transformers' model class for the checkpoint: plain greedy `generate`, and its prompt lookup).
@@ -49,6 +50,8 @@ def make_proposer(strategy: str, model, k: int | str, tree_width: int = 2, draft
         return P.MTPTreeProposer(model, k, tree_width)
     if strategy == "ngram":
         return P.NGramProposer(k, n_max=ngram_max)
+    if strategy == "mtp-ngram":
+        return P.MTPNGramProposer(model, k, ngram_max=ngram_max, sample_drafts=sample_drafts)
     if draft is None:
         raise ValueError("strategy 'draft-model' needs --draft-model DIR")
     if not isinstance(draft, torch.nn.Module):

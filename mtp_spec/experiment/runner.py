@@ -113,7 +113,7 @@ class Runner:
         from mtp_spec.decoding.strategies import AUTO_K_MAX, make_proposer
 
         spec = next((s for s in self.exp.strategies if s.name == cell.strategy), None)
-        if self.heads is not None and cell.strategy in ("mtp", "mtp-tree"):
+        if self.heads is not None and cell.strategy in schema.MTP_DRAFTERS:
             self.heads.use(cell.draft_vocab)  # before the proposer: k=auto measures the draft step it gets
         if cell.k == "auto":  # one per draft vocabulary: its cost table is measured once, and its
             # acceptance prior learns from every request it serves (reset() starts each batch)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from mtp_spec.decoding.strategies import PEERS, STRATEGIES
+from mtp_spec.decoding.strategies import MTP_DRAFTERS, PEERS, STRATEGIES
 from mtp_spec.loader import ASSETS, COMPILE, DTYPES
 from mtp_spec.loader import resolve_model as _resolve
 
@@ -159,9 +159,9 @@ def _draft_vocabs(value, strategy: str, where: str) -> list[int]:
         out.append(n)
     if not out:
         raise ExperimentConfigError(f"{where}: must not be empty")
-    if any(out) and strategy not in ("mtp", "mtp-tree"):
-        raise ExperimentConfigError(f"{where}: applies to strategies that draft with the MTP layer (mtp, "
-                                    f"mtp-tree), not {strategy}")
+    if any(out) and strategy not in MTP_DRAFTERS:
+        raise ExperimentConfigError(f"{where}: applies to strategies that draft with the MTP layer "
+                                    f"({', '.join(MTP_DRAFTERS)}), not {strategy}")
     return out
 
 
