@@ -27,13 +27,17 @@ EVERY_TOKEN = [0, 1, 2, 3, 4, 5, 6, 7, 1, 2]  # every token seen: a 1-gram looku
 
 @pytest.fixture(scope="module", params=["off", "auto"])
 def models(tmp_path_factory, request):
-    """On the eager reference path and on the fast step path (CPU kernels)."""
-    args = ModelArgs.from_name("tiny").with_(vocab_size=V, fp8=False)
+    """On the eager reference path and on the fast step path (CPU kernels). The cache holds 24
+    positions (prompt, 3 tokens, drafts): 20k rows read the whole cache under a length mask."""
+    # narrower than the tiny preset (20k rows make the forwards the cost), the same structure
+    args = ModelArgs.from_name("tiny").with_(vocab_size=V, fp8=False, dim=64, inter_dim=128, moe_inter_dim=32,
+                                             n_heads=2, q_lora_rank=32, kv_lora_rank=16, n_routed_experts=4,
+                                             n_expert_groups=2, n_limited_groups=1)
     root = tmp_path_factory.mktemp("small-vocab")
     target = mtp_spec.load(write_random_checkpoint(root / "t", args, seed=11, dtype=torch.float32, std=0.3),
-                           compile=request.param)
+                           compile=request.param, max_len=24)
     # the draft: the target with noise, so it agrees part of the time
-    draft = mtp_spec.load(root / "t", part="main", compile=request.param)
+    draft = mtp_spec.load(root / "t", part="main", compile=request.param, max_len=24)
     g = torch.Generator().manual_seed(12)
     with torch.no_grad():
         for p in draft.parameters():
