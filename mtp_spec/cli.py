@@ -532,9 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     import mtp_spec.parallel as parallel
 
     if parallel.launched():
-        # Under torchrun, end here: gloo left a joinable thread behind that aborted rank 0 during
-        # interpreter finalisation (SIGABRT after the output was written) in about 1 run of 10, even
-        # after leaving the process group together. Everything is written and flushed by now.
+        # Under torchrun, end here, past the interpreter's finalisation: there rank 0 aborted ("terminate
+        # called without an active exception", after gloo's group was destroyed and the output written)
+        # in about 1 run of 10. Everything is written; flush what is buffered.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)

@@ -27,9 +27,9 @@ EVERY_TOKEN = [0, 1, 2, 3, 4, 5, 6, 7, 1, 2]  # every token seen: a 1-gram looku
 
 @pytest.fixture(scope="module", params=["off", "auto"])
 def models(tmp_path_factory, request):
-    """On the eager reference path and on the fast step path (CPU kernels). The cache holds 24
-    positions (prompt, 3 tokens, drafts): 20k rows read the whole cache under a length mask."""
-    # narrower than the tiny preset (20k rows make the forwards the cost), the same structure
+    """On the eager reference path and on the fast step path (CPU kernels). With 20k rows the
+    forwards are the cost, so the model is the tiny preset's structure, narrower, and the cache holds
+    24 positions (prompt, 3 tokens, drafts): a step reads the whole cache under a length mask."""
     args = ModelArgs.from_name("tiny").with_(vocab_size=V, fp8=False, dim=64, inter_dim=128, moe_inter_dim=32,
                                              n_heads=2, q_lora_rank=32, kv_lora_rank=16, n_routed_experts=4,
                                              n_expert_groups=2, n_limited_groups=1)
