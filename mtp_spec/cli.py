@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -156,13 +157,28 @@ def cmd_generate(a) -> int:
 
     engine = Engine(model, proposer, relaxed=relaxed)
     run = dict(sp=sp, seed=a.seed, eos_id=eos, stop=a.stop or None, decode=tok.decode if tok else None)
-    baseline = None
-    if a.compare:  # warm both up, so that neither pays first-call costs inside its timing
-        for warm in (engine, Engine(model)):
+    baseline, rounds = None, []
+    if a.compare:
+        if a.compare_rounds < 1:
+            raise ValueError(f"--compare-rounds must be >= 1, got {a.compare_rounds}")
+        # what `auto` learns (acceptance, step times) is put back before every round, so that each
+        # round measures a first run, not one that has already seen these prompts
+        fresh = _learned(proposer)
+        for warm in (engine, Engine(model)):  # neither pays first-call costs inside its timing
             warm.generate(prompts[:1], min(8, a.max_new_tokens), **run)
+        _restore(proposer, fresh)
     results = engine.generate(prompts, a.max_new_tokens, on_tokens=on_tokens if stream else None, **run)
     if a.compare:
+        # rounds alternate which runs first, so that a machine that speeds up or slows down meanwhile
+        # lands on both; the speedup is the median of the rounds' ratios
         baseline = Engine(model).generate(prompts, a.max_new_tokens, **run)
+        rounds.append((results, baseline))
+        for i in range(1, a.compare_rounds):
+            _restore(proposer, fresh)
+            pair = [None, None]
+            for j in ((1, 0) if i % 2 else (0, 1)):
+                pair[j] = (engine if j == 0 else Engine(model)).generate(prompts, a.max_new_tokens, **run)
+            rounds.append(tuple(pair))
     path = weights_path(model)
     kernel = model.steps.summary()["cpu_kernel"]
     for r in results:
@@ -179,9 +195,11 @@ def cmd_generate(a) -> int:
                    "temperature": a.temperature, "lossy": r.lossy, "weights": path, "device": str(a.device),
                    "compile": model.steps.summary()}
             if baseline is not None:
-                b = baseline[results.index(r)]
-                rec.update(vanilla_tokens_per_s=b.metrics.tokens_per_s, speedup=_ratio(m, b.metrics),
-                           equals_vanilla=b.token_ids == r.token_ids)
+                i = results.index(r)
+                ratios = [_ratio(s[i].metrics, v[i].metrics) for s, v in rounds]
+                rec.update(vanilla_tokens_per_s=baseline[i].metrics.tokens_per_s,
+                           speedup=statistics.median(ratios), speedup_rounds=ratios,
+                           equals_vanilla=all(s[i].token_ids == v[i].token_ids for s, v in rounds))
             print(json.dumps(rec))
             continue
         if not stream:
@@ -198,11 +216,14 @@ def cmd_generate(a) -> int:
               + f" | compile {a.compile}" + (f", CPU kernel {kernel}" if kernel else ""),
               file=sys.stderr if a.quiet_stats else sys.stdout)
     if baseline is not None:
-        spec = sum(r.metrics.num_generated for r in results) / sum(r.metrics.total_s for r in results)
-        van = sum(r.metrics.num_generated for r in baseline) / sum(r.metrics.total_s for r in baseline)
-        same = sum(r.token_ids == b.token_ids for r, b in zip(results, baseline))
+        rate = lambda rs: sum(r.metrics.num_generated for r in rs) / sum(r.metrics.total_s for r in rs)
+        speeds = [(rate(s), rate(v)) for s, v in rounds]
+        ratios = [s / v for s, v in speeds]
+        same = sum(all(s[i].token_ids == v[i].token_ids for s, v in rounds) for i in range(len(results)))
+        spec, van = (statistics.median(x) for x in zip(*speeds))
         print(f"--- compare: {strategy} {spec:.1f} tokens/s vs vanilla {van:.1f} tokens/s on the same prompts: "
-              f"{spec / van:.2f}x | outputs equal to vanilla: {same}/{len(results)}",
+              f"{statistics.median(ratios):.2f}x (median of {len(rounds)} rounds, each run in turn: "
+              f"{' '.join(f'{x:.2f}' for x in ratios)}) | outputs equal to vanilla: {same}/{len(results)}",
               file=sys.stderr if a.quiet_stats else sys.stdout)
     return 0
 
@@ -232,6 +253,20 @@ def cmd_count_tokens(a) -> int:
     print(f"{out}: {int(counts.sum())} tokens in {len(texts)} documents, {int((counts > 0).sum())} distinct ids; "
           f"the N most frequent cover: {cover}")
     return 0
+
+
+def _learned(proposer):
+    """What a proposer learns across requests (`auto`: acceptance and step times), copied."""
+    import copy
+
+    return {k: copy.deepcopy(getattr(proposer, k)) for k in ("record", "cost") if hasattr(proposer, k)}
+
+
+def _restore(proposer, learned: dict) -> None:
+    import copy
+
+    for k, v in learned.items():
+        setattr(proposer, k, copy.deepcopy(v))
 
 
 def _ratio(m, base) -> float:
@@ -428,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step path: off = eager reference; on = CPU kernels + torch.compile (no CUDA graphs); "
                         "auto = CPU kernels on the CPU, on with CUDA")
     g.add_argument("--compare", action="store_true", help="also run vanilla on the same prompts; print the speedup")
+    g.add_argument("--compare-rounds", type=int, default=3, metavar="N",
+                   help="with --compare: run both N times, in alternating order; the speedup is the median (default 3)")
     g.set_defaults(fn=cmd_generate)
 
     ct = sub.add_parser("count-tokens", help="count token frequencies over a corpus (MODEL/token_counts.json): "

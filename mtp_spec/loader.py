@@ -92,8 +92,9 @@ def smollm2() -> Path:
     from mtp_spec.gguf_import import ensure_smollm2, sha256
 
     path = ensure_smollm2()
-    # the MTP layer, and the token counts its draft vocabulary (`--draft-vocab N`) is ranked by
-    for src in (SMOLLM2_MTP, SMOLLM2_MTP.with_name("token_counts.json")):
+    # the MTP layer, the token counts its draft vocabulary (`--draft-vocab N`) is ranked by, and the
+    # acceptance `--k auto` starts from
+    for src in (SMOLLM2_MTP, SMOLLM2_MTP.with_name("token_counts.json"), SMOLLM2_MTP.with_name("acceptance.json")):
         if not src.is_file():
             continue
         dst = path / src.name

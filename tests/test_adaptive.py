@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -144,12 +145,17 @@ def test_online_refresh_is_a_running_mean_then_a_moving_average():
     assert c.excess(4) == pytest.approx(1.0) and c.step_time(2, 4) == pytest.approx(3.0)
     assert c.step_time(4, 4) == pytest.approx(1.0 + 0.5 + 3 * 0.5 + 1.0)  # a depth not yet run
     assert c.step_time(0, 4) == c.verify(1, 4) and c.verify(3, 4) == 1.0
-    c.observe_step(1, 4, seconds=1.5, mtp_seconds=0.5)  # excess 0: mean of 1 and 0
+    c.observe_step(1, 4, seconds=1.5, mtp_seconds=0.5)  # excess 0: the median of 1 and 0
     assert c.excess(4) == pytest.approx(0.5)
-    c.forget()  # a new batch: half the excess, and the next observation replaces it
+    c.forget()  # a new batch: the excesses seen so far halved (0.5, 0)
     assert c.excess(4) == pytest.approx(0.25)
-    c.observe_step(1, 4, seconds=2.0, mtp_seconds=0.5)
+    c.observe_step(1, 4, seconds=2.0, mtp_seconds=0.5)  # excess 0.5: the median of 0.5, 0, 0.5
     assert c.excess(4) == pytest.approx(0.5)
+    c.observe_step(1, 4, seconds=9.0, mtp_seconds=0.5)  # one slow step (excess 7.5) moves nothing
+    assert c.excess(4) == pytest.approx(0.5)
+    for _ in range(2):  # three of the last five: the excess follows
+        c.observe_step(1, 4, seconds=9.0, mtp_seconds=0.5)
+    assert c.excess(4) == pytest.approx(7.5)
     # a batch not measured gets its own row, starting from the interpolation between b = 1 and 4
     c.observe_step(0, 2, seconds=3.0, mtp_seconds=0.0)
     v12 = (1.0 + 2.5 / 3 + 3.0) / 2
@@ -227,6 +233,24 @@ class _CountMTP:
         self.step = 0
         inner = model.mtp.forward
         monkeypatch.setattr(model.mtp, "forward", lambda *a, **kw: (self.steps.append(self.step), inner(*a, **kw))[1])
+
+
+@pytest.mark.parametrize("costly", [False, True])
+def test_a_first_probe_runs_only_where_extending_the_prompts_is_cheap(model, monkeypatch, costly):
+    """Nothing drafted yet, k = 1 predicted level with plain decoding (within `margin`, short of
+    `switch_on`): after `probe_every` plain steps the chooser probes k = 1 if the MTP layer's extend of
+    the waiting prompt costs at most `prefill_steps` plain steps by the table, else turns off."""
+    ext = (lambda n, b: 0.05 * (n - 1) ** 2) if costly else (lambda n, b: 0.0)  # 7.5 steps at n = 24
+    cost = fake_cost(verify=lambda n, b: 1.0 if n == 1 else 1.5, draft=lambda b: 0.0, extend=ext)
+    prop = AutoMTPProposer(model, 1, cost=cost, probe_every=4, prior=[0.5])
+    count = _CountMTP(monkeypatch, model)
+    prompt = list(range(5, 25))
+    got = Engine(model, prop).generate([prompt], 12)
+    assert got[0].token_ids == Engine(model).generate([prompt], 12)[0].token_ids
+    if costly:
+        assert prop.off and count.steps == [] and len(got[0].metrics.steps_per_k) == 1  # k = 0 only
+    else:
+        assert count.steps and got[0].metrics.steps_per_k[1] >= 1  # probed (then off: the probe changed nothing)
 
 
 @pytest.mark.parametrize("why", ["margin", "probes"])
@@ -368,6 +392,49 @@ def test_generate_defaults_to_auto_depth_and_records_it(tiny_fp8, capsys):
     assert json.loads(capsys.readouterr().out)["k"] == 2
     assert main(args + ["--strategy", "ngram", "--k", "auto"]) == 2
     assert "--k auto works with --strategy mtp only" in capsys.readouterr().err
+
+
+def test_compare_rounds_alternate_and_each_starts_from_what_auto_knew(tiny_fp8, capsys, monkeypatch):
+    write_byte_tokenizer(tiny_fp8)
+    seen = []  # the acceptance counts auto's record holds when each of its runs starts
+    start = AutoMTPProposer.reset
+
+    def reset(self, batch, max_len):
+        seen.append(sum(self.record.trials))
+        start(self, batch, max_len)
+
+    monkeypatch.setattr(AutoMTPProposer, "reset", reset)
+    monkeypatch.setattr(AutoMTPProposer, "choose", lambda self, st: 1)  # always drafts: the record learns
+    args = ["generate", "--model", str(tiny_fp8), "--prompt-ids", "5,6,7,5,6", "--max-new-tokens", "12", "--json",
+            "--compare", "--compare-rounds", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    rec = json.loads(next(ln for ln in out if ln.startswith("{")))
+    assert "(median of 3 rounds, each run in turn: " in out[-1]
+    assert len(rec["speedup_rounds"]) == 3 and rec["speedup"] == sorted(rec["speedup_rounds"])[1]
+    assert rec["equals_vanilla"] is True
+    assert seen == [0] * 4  # the warm-up run and three rounds: each from the state before the warm-up
+    assert main(args[:-1] + ["0"]) == 2
+    assert "--compare-rounds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_auto_starts_from_the_acceptance_recorded_beside_the_model(tiny_fp8, tmp_path):
+    import shutil
+
+    from mtp_spec.decoding.cost import PRIOR_FILE
+
+    d = shutil.copytree(tiny_fp8, tmp_path / "m")
+    model = mtp_spec.load(d, max_len=64)
+    assert make_proposer("mtp", model, "auto", k_max=3, cost=fake_cost()).prior == [0.5] * 3  # none recorded
+    (d / PRIOR_FILE).write_text(json.dumps({"conditional": [0.9, 0.25], "source": "a test"}))
+    prop = make_proposer("mtp", model, "auto", k_max=3, cost=fake_cost())
+    assert prop.prior == [0.9, 0.25, 0.25]
+    prop.reset(2, 64)
+    assert [r.means() for r in prop.rows] == [[0.9, 0.25, 0.25]] * 2
+    for bad, why in (({"conditional": [1.5]}, "acceptance rates in \\[0, 1\\]"), ([0.5], "not a JSON object")):
+        (d / PRIOR_FILE).write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(str(d / PRIOR_FILE)) + f": .*{why}"):
+            make_proposer("mtp", model, "auto", cost=fake_cost())
 
 
 def test_the_report_predicts_a_fixed_k_cell_from_the_cost_table():

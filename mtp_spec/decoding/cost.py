@@ -21,10 +21,13 @@ the batch's `excess(b)`, what drafting steps take beyond the table's verify(k + 
 (the verifier, the hand-over of hidden states, a context shorter or longer than at warm-up), which
 step_time adds to every k >= 1. One excess for all depths, so that a depth not yet run is not
 predicted from its warm-up point alone (seen: k = 2 chosen at batch 4 on the strength of a table
-20% below what drafting steps took there). Each is a running mean over its first observations (the
-warm-up value counts as one; the excess starts at 0 and counts as none), then an exponential moving
-average with weight `alpha`. The engine does not time the MTP parts apart (that would need device
-syncs inside the step), so they stay as measured and what they miss lands in the excess.
+20% below what drafting steps took there). verify(1, b) is a running mean over its first
+observations (the warm-up value counts as one), then an exponential moving average with weight
+`alpha`. The excess is the median of the last EXCESS_WINDOW observed at b (0 before any), halved at
+each new batch (`forget`): a mean let one slow step decide (seen at batch 2 on a noisy CPU: a first
+drafting step 6-9 ms slow, at a 33 ms step, turned drafting off for batches where k = 1 paid 1.2x).
+The engine does not time the MTP parts apart (that would need device syncs inside the step), so
+they stay as measured and what they miss lands in the excess.
 
 JSON (`to_json`, `from_json`; another tool reads it):
   {"device": str, "verify": [[n_tokens, batch, seconds], ...], "draft": [[batch, seconds], ...],
@@ -34,7 +37,9 @@ JSON (`to_json`, `from_json`; another tool reads it):
 from __future__ import annotations
 
 import json
+import statistics
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,8 @@ import torch
 
 DEFAULT_PRIOR = 0.5  # conditional acceptance per position before anything is known about the model
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind a prior: a few steps of evidence outweigh it
+EXCESS_WINDOW = 5  # drafting steps whose median is the excess: one outlier among them moves nothing
+PRIOR_FILE = "acceptance.json"  # a model's recorded acceptance, beside its weights (experiments/record_acceptance.py)
 
 
 def expected_tokens(p: Sequence[float], k: int) -> float:
@@ -85,17 +92,17 @@ class Table:
                      for pb in self.batches()]
         return _interp(per_batch, b)
 
-    def refresh(self, n: int, b: int, seconds: float, alpha: float, trust: int = 1) -> None:
-        """Move the (n, b) point towards `seconds`: by 1 / (observations + 1 + trust) while that is more
-        than `alpha` (the point's own value counts as `trust` observations), then by `alpha`; alpha 0:
-        never. A point not measured starts from the interpolation; a new batch gets the whole row of
-        n's, so its curve in n keeps the measured shape."""
+    def refresh(self, n: int, b: int, seconds: float, alpha: float) -> None:
+        """Move the (n, b) point towards `seconds`: by 1 / (observations + 2) while that is more than
+        `alpha` (the point's own value counts as one observation), then by `alpha`; alpha 0: never. A
+        point not measured starts from the interpolation; a new batch gets the whole row of n's, so its
+        curve in n keeps the measured shape."""
         if (n, b) not in self.points:
             ns = {n} | ({pn for pn, _ in self.points} if b not in self.batches() else set())
             self.points.update({(m, b): self(m, b) for m in ns})
         seen = self.seen.get((n, b), 0)
         self.seen[(n, b)] = seen + 1
-        weight = max(alpha, 1 / (seen + 1 + trust)) if alpha > 0 else 0.0
+        weight = max(alpha, 1 / (seen + 2)) if alpha > 0 else 0.0
         self.points[(n, b)] += weight * (seconds - self.points[(n, b)])
 
 
@@ -107,6 +114,7 @@ class CostModel:
     extend_table: Table | None = None
     alpha: float = 0.1  # weight of each new step time in the moving average
     excess_table: Table = field(default_factory=lambda: Table({(1, 1): 0.0}))  # online only, n = 1
+    recent: dict[int, deque] = field(default_factory=dict)  # the last excesses observed, per batch size
 
     def verify(self, n: int, b: int) -> float:
         return self.verify_table(n, b)
@@ -121,10 +129,10 @@ class CostModel:
         return self.excess_table(1, b)
 
     def forget(self, factor: float = 0.5) -> None:
-        """Shrink the excess towards 0 and let the next observations outweigh it: called per batch, so
-        that an excess learned once (then never re-measured where it turned drafting off) is re-checked."""
+        """Shrink the excess towards 0: called per batch, so that an excess learned once (then never
+        re-measured where it turned drafting off) is re-checked."""
         self.excess_table.points = {key: v * factor for key, v in self.excess_table.points.items()}
-        self.excess_table.seen.clear()
+        self.recent = {b: deque((x * factor for x in d), maxlen=d.maxlen) for b, d in self.recent.items()}
 
     def step_time(self, k: int, b: int) -> float:
         if k == 0:
@@ -141,8 +149,10 @@ class CostModel:
         step the excess at b."""
         if k == 0:
             self.verify_table.refresh(1, b, max(seconds - mtp_seconds, 0.0), self.alpha)
-        else:
-            self.excess_table.refresh(1, b, seconds - mtp_seconds - self.verify(k + 1, b), self.alpha, trust=0)
+        elif self.alpha > 0:
+            d = self.recent.setdefault(b, deque(maxlen=EXCESS_WINDOW))
+            d.append(seconds - mtp_seconds - self.verify(k + 1, b))
+            self.excess_table.points[(1, b)] = statistics.median(d)
 
     # --- JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -293,6 +303,24 @@ class Acceptance:
     @property
     def observed(self) -> bool:
         return self.trials[0] > 0
+
+
+def load_prior(model_dir: str | Path | None) -> list[float] | None:
+    """The conditional acceptance per draft position recorded for a model (`acceptance.json` in its
+    directory: {"conditional": [p_1, ...], "source": str, ...}), or None where it has none. `auto`
+    starts each request from it instead of DEFAULT_PRIOR (recorded: the shipped toy 0.66 / 0.57 /
+    0.54 / 0.58, SmolLM2's layer about 0.5 at every position)."""
+    if model_dir is None or not (Path(model_dir) / PRIOR_FILE).is_file():
+        return None
+    p = Path(model_dir) / PRIOR_FILE
+    try:
+        rates = json.loads(p.read_text()).get("conditional")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{p}: not a JSON object ({e})") from None
+    ok = isinstance(rates, list) and rates and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in rates)
+    if not ok:
+        raise ValueError(f"{p}: 'conditional' must be a non-empty list of acceptance rates in [0, 1], got {rates!r}")
+    return [float(x) for x in rates]
 
 
 def depth_rates(cost: CostModel, batch: int, rows: Sequence[Sequence[float]], k_max: int) -> list[float]:

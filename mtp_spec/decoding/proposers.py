@@ -187,10 +187,11 @@ class AutoMTPProposer(MTPProposer):
     does not pay for a batch, that is all it adds, so the proposer turns it off for the rest of the
     batch: when `probe_every` plain steps in a row come due for a probe and no depth is predicted
     within `margin` of plain decoding's throughput, or `max_probes` probes from depth 0 already
-    changed nothing, or no step of the batch has drafted yet (a probe would first run the MTP layer
-    over the prompts); at once when nothing has drafted yet and no depth comes within `margin`. From
-    then on the batch decodes plainly (pending pairs dropped, no extend, no probe, no hidden states
-    handed over); rows that finish only make speculation pay less. The next batch starts afresh.
+    changed nothing, or no step of the batch has drafted yet and a probe would first run the MTP layer
+    over prompts that cost more than `prefill_steps` plain steps to extend (by the cost table); at
+    once when nothing has drafted yet and no depth comes within `margin`. From then on the batch
+    decodes plainly (pending pairs dropped, no extend, no probe, no hidden states handed over); rows
+    that finish only make speculation pay less. The next batch starts afresh.
     `cost`: a CostModel (e.g. CostModel.load), used as given and refreshed online; None: measured now."""
 
     def __init__(self, model, k_max: int = 4, cost: CostModel | None = None, prior: Sequence[float] | None = None,
@@ -204,6 +205,7 @@ class AutoMTPProposer(MTPProposer):
             raise ValueError(f"probe_every must be >= 1, got {probe_every}")
         self.k_max, self.probe_every, self.lag = k_max, probe_every, 2 * (k_max + 1)
         self.margin, self.max_probes, self.switch_on = margin, max_probes, switch_on
+        self.prefill_steps = 2.0  # a first probe may extend the prompts when that costs at most this many steps
         self.off = False  # speculation turned off for the rest of the batch (reset() starts each batch on)
         self.prior = (prior + [prior[-1]] * k_max)[:k_max]
         self.record = Acceptance(self.prior)  # every request served so far
@@ -247,8 +249,13 @@ class AutoMTPProposer(MTPProposer):
         if run <= self.probe_every:
             return parallel.broadcast_int(k)
         # off where no depth comes near, where probing changed nothing, or where a probe would first
-        # have to run the prompts' extend (a prefill of the MTP layer: at a large batch, many steps' time)
-        if k == 0 and (self.first or self.idle_probes >= self.max_probes or far):
+        # have to run a costly extend of the prompts (a prefill of the MTP layer: at a large batch, many
+        # steps' time; at batch 1-2 of a 135M model about one, and turning off there lost batches where
+        # k = 1 paid 1.2x)
+        b = len(st.tokens)
+        waiting = self.pending[1].shape[1] if self.pending is not None else 0
+        costly = self.first and self.cost.extend(waiting, b) > self.prefill_steps * self.cost.verify(1, b)
+        if k == 0 and (costly or self.idle_probes >= self.max_probes or far):
             return parallel.broadcast_int(-1)
         # a depth that never runs is never measured again: probe a neighbour, deeper and shallower in turn
         self.probe_up = not self.probe_up

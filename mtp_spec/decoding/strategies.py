@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mtp_spec.decoding import proposers as P
-from mtp_spec.decoding.cost import CostModel
+from mtp_spec.decoding.cost import CostModel, load_prior
 
 STRATEGIES = ("vanilla", "mtp", "mtp-tree", "mtp-ngram", "ngram", "draft-model")
 MTP_DRAFTERS = ("mtp", "mtp-tree", "mtp-ngram")  # the strategies that draft with the MTP layer
@@ -31,7 +31,8 @@ def make_proposer(strategy: str, model, k: int | str, tree_width: int = 2, draft
                   cost: CostModel | None = None) -> P.Proposer:
     """`draft` is a loaded draft model (a Transformer) or a checkpoint directory for `draft-model`.
     k="auto" (mtp only): the depth 0..k_max is chosen before every step from acceptance and `cost`
-    (a CostModel; None: measured on the model now)."""
+    (a CostModel; None: measured on the model now), starting from the acceptance recorded beside the
+    model's weights (`acceptance.json`), if any."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
     if strategy == "vanilla":
@@ -41,7 +42,8 @@ def make_proposer(strategy: str, model, k: int | str, tree_width: int = 2, draft
             raise ValueError(f"--k auto works with strategy 'mtp' only, not '{strategy}'")
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
-        return P.AutoMTPProposer(model, k_max, cost=cost, sample_drafts=sample_drafts)
+        prior = load_prior(getattr(model, "source", None))
+        return P.AutoMTPProposer(model, k_max, cost=cost, prior=prior, sample_drafts=sample_drafts)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"--k must be >= 1 or 'auto', got {k!r}")
     if strategy == "mtp":
