@@ -118,7 +118,7 @@ def cmd_generate(a) -> int:
     a.k = a.k if a.k == "auto" else int(a.k)
     depth = AUTO_K_MAX if a.k == "auto" else a.k  # the deepest chain a step may draft
     for flag, v in (("--k", depth), ("--tree-width", a.tree_width), ("--ngram-max", a.ngram_max),
-                    ("--max-new-tokens", a.max_new_tokens)):
+                    ("--max-new-tokens", a.max_new_tokens), ("--compare-rounds", a.compare_rounds)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     check_device(a.device)
@@ -159,8 +159,6 @@ def cmd_generate(a) -> int:
     run = dict(sp=sp, seed=a.seed, eos_id=eos, stop=a.stop or None, decode=tok.decode if tok else None)
     baseline, rounds = None, []
     if a.compare:
-        if a.compare_rounds < 1:
-            raise ValueError(f"--compare-rounds must be >= 1, got {a.compare_rounds}")
         # what `auto` learns (acceptance, step times) is put back before every round, so that each
         # round measures a first run, not one that has already seen these prompts
         fresh = _learned(proposer)
@@ -181,7 +179,7 @@ def cmd_generate(a) -> int:
             rounds.append(tuple(pair))
     path = weights_path(model)
     kernel = model.steps.summary()["cpu_kernel"]
-    for r in results:
+    for i, r in enumerate(results):
         m = r.metrics
         text = tok.decode(r.token_ids) if tok is not None else None
         if a.json:
@@ -195,7 +193,6 @@ def cmd_generate(a) -> int:
                    "temperature": a.temperature, "lossy": r.lossy, "weights": path, "device": str(a.device),
                    "compile": model.steps.summary()}
             if baseline is not None:
-                i = results.index(r)
                 ratios = [_ratio(s[i].metrics, v[i].metrics) for s, v in rounds]
                 rec.update(vanilla_tokens_per_s=baseline[i].metrics.tokens_per_s,
                            speedup=statistics.median(ratios), speedup_rounds=ratios,
@@ -464,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto = CPU kernels on the CPU, on with CUDA")
     g.add_argument("--compare", action="store_true", help="also run vanilla on the same prompts; print the speedup")
     g.add_argument("--compare-rounds", type=int, default=3, metavar="N",
-                   help="with --compare: run both N times, in alternating order; the speedup is the median (default 3)")
+                   help="with --compare: run both N times, in alternating order (the first mtp run streams); the "
+                        "speedup is the median of the rounds' ratios, each speed the median of its runs (default 3)")
     g.set_defaults(fn=cmd_generate)
 
     ct = sub.add_parser("count-tokens", help="count token frequencies over a corpus (MODEL/token_counts.json): "

@@ -141,15 +141,13 @@ def test_online_refresh_is_a_running_mean_then_a_moving_average():
     assert c.verify(1, 4) == pytest.approx(3.5)
     # drafting steps: one excess per batch over what the table predicts, for every depth
     assert c.step_time(2, 4) == pytest.approx(1.0 + 0.5 + 0.5)  # verify 3, extend 3, one draft step
-    c.observe_step(2, 4, seconds=3.0, mtp_seconds=1.0)  # 1.0 more than verify(3, 4): excess 1.0 at once
+    c.observe_step(2, 4, seconds=3.0, mtp_seconds=1.0)  # 1.0 more than verify(3, 4): one step alone moves nothing
+    assert c.excess(4) == 0.0
+    c.observe_step(1, 4, seconds=2.5, mtp_seconds=0.5)  # 1.0 over verify(2, 4) again: two of three
     assert c.excess(4) == pytest.approx(1.0) and c.step_time(2, 4) == pytest.approx(3.0)
     assert c.step_time(4, 4) == pytest.approx(1.0 + 0.5 + 3 * 0.5 + 1.0)  # a depth not yet run
     assert c.step_time(0, 4) == c.verify(1, 4) and c.verify(3, 4) == 1.0
-    c.observe_step(1, 4, seconds=1.5, mtp_seconds=0.5)  # excess 0: the median of 1 and 0
-    assert c.excess(4) == pytest.approx(0.5)
-    c.forget()  # a new batch: the excesses seen so far halved (0.5, 0)
-    assert c.excess(4) == pytest.approx(0.25)
-    c.observe_step(1, 4, seconds=2.0, mtp_seconds=0.5)  # excess 0.5: the median of 0.5, 0, 0.5
+    c.forget()  # a new batch: the excesses seen so far halved (0.5, 0.5)
     assert c.excess(4) == pytest.approx(0.5)
     c.observe_step(1, 4, seconds=9.0, mtp_seconds=0.5)  # one slow step (excess 7.5) moves nothing
     assert c.excess(4) == pytest.approx(0.5)
@@ -396,14 +394,20 @@ def test_generate_defaults_to_auto_depth_and_records_it(tiny_fp8, capsys):
 
 def test_compare_rounds_alternate_and_each_starts_from_what_auto_knew(tiny_fp8, capsys, monkeypatch):
     write_byte_tokenizer(tiny_fp8)
-    seen = []  # the acceptance counts auto's record holds when each of its runs starts
-    start = AutoMTPProposer.reset
+    seen = []  # what auto has learned when each of its runs starts: acceptance counts, excess times
+    order = []  # which engine ran, in turn
+    start, generate = AutoMTPProposer.reset, Engine.generate
 
     def reset(self, batch, max_len):
-        seen.append(sum(self.record.trials))
+        seen.append((sum(self.record.trials), len(self.cost.recent)))
         start(self, batch, max_len)
 
+    def logged(self, *args, **kwargs):
+        order.append("mtp" if isinstance(self.proposer, AutoMTPProposer) else "vanilla")
+        return generate(self, *args, **kwargs)
+
     monkeypatch.setattr(AutoMTPProposer, "reset", reset)
+    monkeypatch.setattr(Engine, "generate", logged)
     monkeypatch.setattr(AutoMTPProposer, "choose", lambda self, st: 1)  # always drafts: the record learns
     args = ["generate", "--model", str(tiny_fp8), "--prompt-ids", "5,6,7,5,6", "--max-new-tokens", "12", "--json",
             "--compare", "--compare-rounds", "3"]
@@ -413,7 +417,8 @@ def test_compare_rounds_alternate_and_each_starts_from_what_auto_knew(tiny_fp8, 
     assert "(median of 3 rounds, each run in turn: " in out[-1]
     assert len(rec["speedup_rounds"]) == 3 and rec["speedup"] == sorted(rec["speedup_rounds"])[1]
     assert rec["equals_vanilla"] is True
-    assert seen == [0] * 4  # the warm-up run and three rounds: each from the state before the warm-up
+    assert seen == [(0, 0)] * 4  # the warm-up run and three rounds: each from the state before the warm-up
+    assert order == ["mtp", "vanilla"] * 2 + ["vanilla", "mtp", "mtp", "vanilla"]  # warm-up, then rounds 1-3
     assert main(args[:-1] + ["0"]) == 2
     assert "--compare-rounds must be >= 1, got 0" in capsys.readouterr().err
 

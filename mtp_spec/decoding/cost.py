@@ -23,9 +23,11 @@ step_time adds to every k >= 1. One excess for all depths, so that a depth not y
 predicted from its warm-up point alone (seen: k = 2 chosen at batch 4 on the strength of a table
 20% below what drafting steps took there). verify(1, b) is a running mean over its first
 observations (the warm-up value counts as one), then an exponential moving average with weight
-`alpha`. The excess is the median of the last EXCESS_WINDOW observed at b (0 before any), halved at
-each new batch (`forget`): a mean let one slow step decide (seen at batch 2 on a noisy CPU: a first
-drafting step 6-9 ms slow, at a 33 ms step, turned drafting off for batches where k = 1 paid 1.2x).
+`alpha`. The excess is the median of the last EXCESS_WINDOW observed at b, zeros standing in for
+steps not yet seen up to a majority of the window (at a batch size never drafted at: interpolated
+from the others, 0 before any), halved at each new batch (`forget`): a mean let one slow step
+decide (seen at batch 2 on a noisy CPU: a first drafting step 6-9 ms slow, at a 33 ms step, turned
+drafting off for batches where k = 1 paid 1.2x).
 The engine does not time the MTP parts apart (that would need device syncs inside the step), so
 they stay as measured and what they miss lands in the excess.
 
@@ -112,7 +114,7 @@ class CostModel:
     verify_table: Table = field(default_factory=Table)
     draft_table: Table = field(default_factory=Table)  # n = 1 only
     extend_table: Table | None = None
-    alpha: float = 0.1  # weight of each new step time in the moving average
+    alpha: float = 0.1  # weight of each new plain step time in verify(1, b)'s moving average; 0: no online refresh
     excess_table: Table = field(default_factory=lambda: Table({(1, 1): 0.0}))  # online only, n = 1
     recent: dict[int, deque] = field(default_factory=dict)  # the last excesses observed, per batch size
 
@@ -152,7 +154,9 @@ class CostModel:
         elif self.alpha > 0:
             d = self.recent.setdefault(b, deque(maxlen=EXCESS_WINDOW))
             d.append(seconds - mtp_seconds - self.verify(k + 1, b))
-            self.excess_table.points[(1, b)] = statistics.median(d)
+            # zeros stand in for steps not yet seen, so that the first one or two cannot decide alone
+            unseen = [0.0] * (EXCESS_WINDOW // 2 + 1 - len(d))
+            self.excess_table.points[(1, b)] = statistics.median(list(d) + unseen)
 
     # --- JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -308,8 +312,8 @@ class Acceptance:
 def load_prior(model_dir: str | Path | None) -> list[float] | None:
     """The conditional acceptance per draft position recorded for a model (`acceptance.json` in its
     directory: {"conditional": [p_1, ...], "source": str, ...}), or None where it has none. `auto`
-    starts each request from it instead of DEFAULT_PRIOR (recorded: the shipped toy 0.66 / 0.57 /
-    0.54 / 0.58, SmolLM2's layer about 0.5 at every position)."""
+    starts from it instead of DEFAULT_PRIOR, and from what it has accepted once it has served requests
+    (recorded: the shipped toy 0.66 / 0.57 / 0.54 / 0.58, SmolLM2's layer about 0.5 at every position)."""
     if model_dir is None or not (Path(model_dir) / PRIOR_FILE).is_file():
         return None
     p = Path(model_dir) / PRIOR_FILE
@@ -317,7 +321,8 @@ def load_prior(model_dir: str | Path | None) -> list[float] | None:
         rates = json.loads(p.read_text()).get("conditional")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ValueError(f"{p}: not a JSON object ({e})") from None
-    ok = isinstance(rates, list) and rates and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in rates)
+    ok = isinstance(rates, list) and rates and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in rates)
     if not ok:
         raise ValueError(f"{p}: 'conditional' must be a non-empty list of acceptance rates in [0, 1], got {rates!r}")
     return [float(x) for x in rates]
