@@ -161,10 +161,10 @@ def cmd_generate(a) -> int:
     if a.compare:
         # what `auto` learns (acceptance, step times) is put back before every round, so that each
         # round measures a first run, not one that has already seen these prompts
-        fresh = _learned(proposer)
+        fresh = proposer.learned()
         for warm in (engine, Engine(model)):  # neither pays first-call costs inside its timing
             warm.generate(prompts[:1], min(8, a.max_new_tokens), **run)
-        _restore(proposer, fresh)
+        proposer.restore(fresh)
     results = engine.generate(prompts, a.max_new_tokens, on_tokens=on_tokens if stream else None, **run)
     if a.compare:
         # rounds alternate which runs first, so that a machine that speeds up or slows down meanwhile
@@ -172,7 +172,7 @@ def cmd_generate(a) -> int:
         baseline = Engine(model).generate(prompts, a.max_new_tokens, **run)
         rounds.append((results, baseline))
         for i in range(1, a.compare_rounds):
-            _restore(proposer, fresh)
+            proposer.restore(fresh)
             pair = [None, None]
             for j in ((1, 0) if i % 2 else (0, 1)):
                 pair[j] = (engine if j == 0 else Engine(model)).generate(prompts, a.max_new_tokens, **run)
@@ -250,20 +250,6 @@ def cmd_count_tokens(a) -> int:
     print(f"{out}: {int(counts.sum())} tokens in {len(texts)} documents, {int((counts > 0).sum())} distinct ids; "
           f"the N most frequent cover: {cover}")
     return 0
-
-
-def _learned(proposer):
-    """What a proposer learns across requests (`auto`: acceptance and step times), copied."""
-    import copy
-
-    return {k: copy.deepcopy(getattr(proposer, k)) for k in ("record", "cost") if hasattr(proposer, k)}
-
-
-def _restore(proposer, learned: dict) -> None:
-    import copy
-
-    for k, v in learned.items():
-        setattr(proposer, k, copy.deepcopy(v))
 
 
 def _ratio(m, base) -> float:

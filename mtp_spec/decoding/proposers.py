@@ -9,6 +9,7 @@ without reading anything back; host-side ones (n-gram, oracles) return a list of
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,15 @@ class Proposer:
 
     def propose(self, st: DecodeState, sp: SamplingParams) -> DraftBatch | list[Drafts] | None:
         return None
+
+    def learned(self) -> dict:
+        """A copy of what this proposer has learned across requests (none here), for `restore`."""
+        return {}
+
+    def restore(self, learned: dict) -> None:
+        """Back to a state `learned` returned, so that a repeated run starts where an earlier one did."""
+        for key, value in copy.deepcopy(learned).items():
+            setattr(self, key, value)
 
     def observe(self, st: DecodeState, steps: list[tuple[int, int, int]], seconds: float) -> None:
         """After each step's read-back: (row, drafted, accepted) for every row that was active, and the
@@ -216,6 +226,9 @@ class AutoMTPProposer(MTPProposer):
     @property
     def wants_hidden(self) -> bool:  # once off, the engine need not hand over hidden states
         return not self.off
+
+    def learned(self) -> dict:  # the acceptance of every request served, the refreshed step costs
+        return copy.deepcopy({"record": self.record, "cost": self.cost})
 
     def reset(self, batch: int, max_len: int) -> None:
         super().reset(batch, max_len)
