@@ -139,12 +139,13 @@ def test_online_refresh_is_a_running_mean_then_a_moving_average():
     c.observe_step(0, 4, seconds=4.0, mtp_seconds=0.0)  # 1/4 = alpha from here: mean of 1, 3, 4, 4
     c.observe_step(0, 4, seconds=5.0, mtp_seconds=0.0)  # 3 + 0.25 * (5 - 3)
     assert c.verify(1, 4) == pytest.approx(3.5)
-    # drafting steps: one excess per batch over what the table predicts, for every depth
+    # drafting steps: an excess per batch over what the table predicts, shared by depths with few steps
     assert c.step_time(2, 4) == pytest.approx(1.0 + 0.5 + 0.5)  # verify 3, extend 3, one draft step
     c.observe_step(2, 4, seconds=3.0, mtp_seconds=1.0)  # 1.0 more than verify(3, 4): one step alone moves nothing
     assert c.excess(4) == 0.0
     c.observe_step(1, 4, seconds=2.5, mtp_seconds=0.5)  # 1.0 over verify(2, 4) again: two of three
     assert c.excess(4) == pytest.approx(1.0) and c.step_time(2, 4) == pytest.approx(3.0)
+    assert c.excess(4, 1) == c.excess(4, 2) == c.excess(4)  # one step of each depth: the shared excess
     assert c.step_time(4, 4) == pytest.approx(1.0 + 0.5 + 3 * 0.5 + 1.0)  # a depth not yet run
     assert c.step_time(0, 4) == c.verify(1, 4) and c.verify(3, 4) == 1.0
     c.forget()  # a new batch: the excesses seen so far halved (0.5, 0.5)
@@ -154,6 +155,8 @@ def test_online_refresh_is_a_running_mean_then_a_moving_average():
     for _ in range(2):  # three of the last five: the excess follows
         c.observe_step(1, 4, seconds=9.0, mtp_seconds=0.5)
     assert c.excess(4) == pytest.approx(7.5)
+    # k = 1 now has four steps of its own (halved 0.5, then 7.5 x 3): its own median; k = 2, with one, shares
+    assert c.excess(4, 1) == pytest.approx(7.5) and c.excess(4, 2) == pytest.approx(7.5)
     # a batch not measured gets its own row, starting from the interpolation between b = 1 and 4
     c.observe_step(0, 2, seconds=3.0, mtp_seconds=0.0)
     v12 = (1.0 + 2.5 / 3 + 3.0) / 2
@@ -164,6 +167,39 @@ def test_online_refresh_is_a_running_mean_then_a_moving_average():
     c.observe_step(0, 2, seconds=9.0, mtp_seconds=0.0)
     c.observe_step(1, 2, seconds=9.0, mtp_seconds=0.0)
     assert c.verify(1, 2) == pytest.approx(v12) and c.excess(2) == pytest.approx(before)
+
+
+def test_a_depth_with_steps_of_its_own_is_judged_by_them():
+    """The table puts k = 2 a little behind k = 1 (its verify(3) a few percent high, as a line through
+    a CPU kernel's flat steps did); k = 2's own steps, faster than the table, turn the choice. With one
+    excess shared by both depths, k = 2's steps made k = 1 look faster by as much, and k = 1 stayed."""
+    c = fake_cost(verify=lambda n, b: {1: 1.0, 2: 1.05, 3: 1.3}.get(n, 2.0), draft=lambda b: 0.02,
+                  extend=lambda n, b: 0.02)
+    c.alpha = 0.1
+    p = [[0.6, 0.45]]
+    assert choose_depth(c, 1, p, 2) == 1  # 1.6 / 1.07 against 1.87 / 1.34
+    for _ in range(5):
+        c.observe_step(1, 1, seconds=1.07, mtp_seconds=0.02)  # k = 1 as the table says
+    for _ in range(3):
+        c.observe_step(2, 1, seconds=1.14, mtp_seconds=0.04)  # k = 2 0.2 below the table
+    assert c.excess(1, 1) == pytest.approx(0.0) and c.excess(1, 2) == pytest.approx(-0.2)
+    assert choose_depth(c, 1, p, 2) == 2
+
+
+def test_auto_times_a_shape_seen_in_an_earlier_batch(model, monkeypatch):
+    """The first run of a step shape (depth, extend width, batch) is not timed (its warm-up), once per
+    proposer, not per batch: a depth run on probes alone (one or two a batch) is measured too."""
+    prop = Forced(model, [1, 2, 0])
+    timed = []
+    monkeypatch.setattr(prop.cost, "observe_step", lambda k, b, s, m: timed.append(k))
+    counts = []
+    for _ in range(2):  # the same batch twice: greedy, the same depths, the same shapes
+        timed.clear()
+        res = Engine(model, prop).generate([[5, 9, 200, 31]], 16)
+        counts.append((len(timed), sum(res[0].metrics.steps_per_k)))
+    (first, steps), (second, steps2) = counts
+    assert steps == steps2 and second == steps - 1  # all but the step that extended the prompt
+    assert first == second - len(prop.timed) and len(prop.timed) >= 3
 
 
 def test_cost_table_json_round_trip_and_errors(tmp_path, tiny_fp8):
@@ -453,15 +489,25 @@ def test_the_report_predicts_a_fixed_k_cell_from_the_cost_table():
     assert math.isnan(predicted_speedup(None, [0.8], 1, 1))
 
 
-def test_measured_tables_are_smoothed_to_a_line_that_does_not_fall():
+def test_measured_tables_are_smoothed_to_the_nearest_curve_that_does_not_fall():
     from mtp_spec.decoding.cost import Table, smooth
 
     t = Table({(1, 1): 3.6, (2, 1): 4.5, (3, 1): 5.6, (4, 1): 4.4, (5, 1): 4.2,  # noisy, from a busy CPU
-               (1, 4): 5.0, (2, 4): 4.0, (3, 4): 3.0, (1, 8): 7.0, (2, 8): 9.0})
+               (1, 4): 5.0, (2, 4): 4.0, (3, 4): 3.0, (1, 8): 7.0, (2, 8): 9.0,
+               (1, 2): 1.0, (2, 2): 1.07, (3, 2): 1.06, (4, 2): 1.5, (64, 2): 3.0})
     smooth(t)
-    row = [t.points[(n, 1)] for n in range(1, 6)]
-    assert row == sorted(row) and abs(sum(row) / 5 - 4.46) < 1e-9  # a line through the mean
-    steps = [b - a for a, b in zip(row, row[1:])]
-    assert max(steps) - min(steps) < 1e-9 and steps[0] > 0
+    assert [t.points[(n, 1)] for n in range(1, 6)] == pytest.approx([3.6, 4.5] + [14.2 / 3] * 3)  # tail pooled
     assert [t.points[(n, 4)] for n in (1, 2, 3)] == pytest.approx([4.0] * 3)  # falling: flat at the mean
-    assert (t.points[(1, 8)], t.points[(2, 8)]) == (7.0, 9.0)  # two points: left as measured
+    assert (t.points[(1, 8)], t.points[(2, 8)]) == (7.0, 9.0)  # rising: left as measured
+    # a kernel's steps survive (flat while the rows fit one pass, then a jump), a line through them would not
+    assert [t.points[(n, 2)] for n in (1, 2, 3, 4, 64)] == pytest.approx([1.0, 1.065, 1.065, 1.5, 3.0])
+
+
+def test_measure_times_a_prompt_sized_extend(tiny_fp8):
+    m = mtp_spec.load(tiny_fp8, max_len=256, compile="auto")
+    c = measure(m, batches=(1,), tokens=(1, 2), max_len=256, repeats=1, prompt=64)
+    assert sorted(c.extend_table.points) == [(1, 1), (2, 1), (64, 1)]
+    assert sorted(c.verify_table.points) == [(1, 1), (2, 1)]  # verify is not timed at the prompt's width
+    assert c.extend(64, 1) >= c.extend(2, 1)
+    small = measure(m, batches=(1,), tokens=(1, 2), max_len=64, repeats=1, prompt=64)  # no room: not timed
+    assert sorted(small.extend_table.points) == [(1, 1), (2, 1)]

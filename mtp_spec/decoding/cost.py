@@ -17,13 +17,16 @@ Times between measured points are linear in n (along each measured batch) and th
 measured range: below the smallest n or b the edge value holds (small steps are bound by reading the
 weights, not cheaper); above the largest the last segment continues, never falling (one point: flat).
 Online, step times refresh the table: a plain step (k = 0) its verify(1, b) point; a drafting step
-the batch's `excess(b)`, what drafting steps take beyond the table's verify(k + 1, b) + MTP parts
+the batch's `excess(b, k)`, what drafting steps take beyond the table's verify(k + 1, b) + MTP parts
 (the verifier, the hand-over of hidden states, a context shorter or longer than at warm-up), which
-step_time adds to every k >= 1. One excess for all depths, so that a depth not yet run is not
-predicted from its warm-up point alone (seen: k = 2 chosen at batch 4 on the strength of a table
-20% below what drafting steps took there). verify(1, b) is a running mean over its first
+step_time adds to k >= 1. A depth with a majority of a window of its own steps at b gets its own
+excess, so that two neighbouring depths are told apart by what their steps took (seen: k = 1 run on
+97% of the steps at batch 1 while k = 2 paid 11% more, because the table's verify(3, 1) was a few ms
+high); a depth with fewer gets the one shared by all depths at b, so that it is not predicted from its
+warm-up point alone (seen: k = 2 chosen at batch 4 on the strength of a table 20% below what drafting
+steps took there). verify(1, b) is a running mean over its first
 observations (the warm-up value counts as one), then an exponential moving average with weight
-`alpha`. The excess is the median of the last EXCESS_WINDOW observed at b, zeros standing in for
+`alpha`. The shared excess is the median of the last EXCESS_WINDOW observed at b, zeros standing in for
 steps not yet seen up to a majority of the window (at a batch size never drafted at: interpolated
 from the others, 0 before any), halved at each new batch (`forget`): a mean let one slow step
 decide (seen at batch 2 on a noisy CPU: a first drafting step 6-9 ms slow, at a 33 ms step, turned
@@ -117,6 +120,7 @@ class CostModel:
     alpha: float = 0.1  # weight of each new plain step time in verify(1, b)'s moving average; 0: no online refresh
     excess_table: Table = field(default_factory=lambda: Table({(1, 1): 0.0}))  # online only, n = 1
     recent: dict[int, deque] = field(default_factory=dict)  # the last excesses observed, per batch size
+    recent_at: dict[tuple[int, int], deque] = field(default_factory=dict)  # the same per (depth, batch size)
 
     def verify(self, n: int, b: int) -> float:
         return self.verify_table(n, b)
@@ -127,19 +131,25 @@ class CostModel:
     def extend(self, n: int, b: int) -> float:
         return self.extend_table(n, b) if self.extend_table is not None else self.draft(b)
 
-    def excess(self, b: int) -> float:
+    def excess(self, b: int, k: int | None = None) -> float:
+        """What drafting steps of depth k at batch b took beyond the table: depth k's own median once it
+        has a majority of a window of steps there, else the one shared by all depths (k None: shared)."""
+        own = self.recent_at.get((k, b), ())
+        if len(own) > EXCESS_WINDOW // 2:
+            return statistics.median(own)
         return self.excess_table(1, b)
 
     def forget(self, factor: float = 0.5) -> None:
         """Shrink the excess towards 0: called per batch, so that an excess learned once (then never
         re-measured where it turned drafting off) is re-checked."""
         self.excess_table.points = {key: v * factor for key, v in self.excess_table.points.items()}
-        self.recent = {b: deque((x * factor for x in d), maxlen=d.maxlen) for b, d in self.recent.items()}
+        halve = lambda recent: {key: deque((x * factor for x in d), maxlen=d.maxlen) for key, d in recent.items()}
+        self.recent, self.recent_at = halve(self.recent), halve(self.recent_at)
 
     def step_time(self, k: int, b: int) -> float:
         if k == 0:
             return self.verify(1, b)
-        return self.verify(k + 1, b) + self.extend(k + 1, b) + (k - 1) * self.draft(b) + self.excess(b)
+        return self.verify(k + 1, b) + self.extend(k + 1, b) + (k - 1) * self.draft(b) + self.excess(b, k)
 
     def tokens_per_s(self, p: Sequence[float], k: int, b: int, active: int | None = None) -> float:
         """Predicted throughput of a batch of b rows, `active` of them emitting (default all), all at p."""
@@ -148,12 +158,14 @@ class CostModel:
     def observe_step(self, k: int, b: int, seconds: float, mtp_seconds: float) -> None:
         """One step of depth k at batch b took `seconds`, `mtp_seconds` of them (by the table) in the
         MTP layer: a plain step refreshes verify(1, b) (with any catch-up extend taken out), a drafting
-        step the excess at b."""
+        step the excess at b, shared and its depth's own."""
         if k == 0:
             self.verify_table.refresh(1, b, max(seconds - mtp_seconds, 0.0), self.alpha)
         elif self.alpha > 0:
+            over = seconds - mtp_seconds - self.verify(k + 1, b)
+            self.recent_at.setdefault((k, b), deque(maxlen=EXCESS_WINDOW)).append(over)
             d = self.recent.setdefault(b, deque(maxlen=EXCESS_WINDOW))
-            d.append(seconds - mtp_seconds - self.verify(k + 1, b))
+            d.append(over)
             # zeros stand in for steps not yet seen, so that the first one or two cannot decide alone
             unseen = [0.0] * (EXCESS_WINDOW // 2 + 1 - len(d))
             self.excess_table.points[(1, b)] = statistics.median(list(d) + unseen)
@@ -229,23 +241,28 @@ def _timed(dev: torch.device, repeats: int, calls: list) -> list[float]:
 
 @torch.no_grad()
 def measure(model, batches: Sequence[int] = (1, 4), tokens: Sequence[int] = (1, 2, 3, 4, 5),
-            max_len: int = 256, repeats: int = 5, into: CostModel | None = None) -> CostModel:
+            max_len: int = 256, repeats: int = 5, into: CostModel | None = None,
+            prompt: int = 64) -> CostModel:
     """Time verify(n, b), extend(n, b) and draft(b) on the model's step path (as loaded: compiled or
-    not) in scratch caches `max_len` long and half full, adding the points to `into` (or a new model)."""
+    not) in scratch caches `max_len` long and half full, adding the points to `into` (or a new model).
+    extend is also timed over `prompt` tokens (where the cache has room): the first drafting step of a
+    batch extends the prompts, and a line through n = 1..5 put that 2-5x off."""
     dev = next(model.parameters()).device
     cost = into or CostModel(str(dev))
     if cost.extend_table is None:
         cost.extend_table = Table()
     g = torch.Generator().manual_seed(0)
+    widths = list(tokens) + ([prompt] if max(tokens) < prompt <= max_len - max_len // 2 else [])
     for b in batches:
         cache = model.new_cache(b, max_len)
         cache.lengths.fill_(max_len // 2)
         mtp_cache = model.mtp.new_cache(b, max_len) if model.mtp is not None else None
         keys, calls = [], []
-        for n in tokens:
+        for n in widths:
             x = torch.randint(0, model.args.vocab_size, (b, n), generator=g).to(dev)
-            keys.append((cost.verify_table, (n, b)))
-            calls.append((model, (x,), {"cache": cache, "step": True}))
+            if n in tokens:
+                keys.append((cost.verify_table, (n, b)))
+                calls.append((model, (x,), {"cache": cache, "step": True}))
             if mtp_cache is None:
                 continue
             h = model(x, cache=cache, step=True).hidden_states
@@ -265,19 +282,25 @@ def measure(model, batches: Sequence[int] = (1, 4), tokens: Sequence[int] = (1, 
 
 
 def smooth(table: Table) -> None:
-    """Replace each batch size's points by their least-squares line in n, not falling with n. Single
-    points on a busy CPU moved by 10-25% (a 2-token verify read faster than a 1-token one, and the
-    choice of depth followed the noise); a line through five points averages it, and a step of more
-    tokens never costs less than one of fewer."""
+    """Replace each batch size's points by the nearest sequence that does not fall with n (least
+    squares: neighbours that fall are pooled to their mean). On a busy CPU a 2-token verify read faster
+    than a 1-token one and the choice of depth followed the noise; a line through n = 1..5 (the fix
+    before this one) hid the kernels' real shape, flat while the rows fit one pass of the CPU matmul
+    and a jump after (SmolLM2, batch 1, an Intel CPU: verify of 2 / 3 / 4 / 5 tokens x1.07 / 1.07 /
+    1.07 / 1.50 of one token, the line x1.11 / 1.21 / 1.32 / 1.43), so `auto` ran k = 1 where k = 2
+    paid 11% more."""
     for b in table.batches():
         pts = sorted((n, t) for (n, qb), t in table.points.items() if qb == b)
-        if len(pts) < 3:
-            continue
-        ns, ts = [n for n, _ in pts], [t for _, t in pts]
-        mn, mt = sum(ns) / len(ns), sum(ts) / len(ts)
-        slope = max(0.0, sum((n - mn) * (t - mt) for n, t in pts) / sum((n - mn) ** 2 for n in ns))
-        for n in ns:
-            table.points[(n, b)] = mt + slope * (n - mn)
+        pools: list[list[float]] = []  # [sum, count] per run of pooled points
+        for _, t in pts:
+            pools.append([t, 1])
+            while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
+                total, count = pools.pop()
+                pools[-1][0] += total
+                pools[-1][1] += count
+        fitted = [total / count for total, count in pools for _ in range(int(count))]
+        for (n, _), t in zip(pts, fitted):
+            table.points[(n, b)] = t
 
 
 # --- acceptance and the choice of depth -------------------------------------------------------------

@@ -222,6 +222,11 @@ class AutoMTPProposer(MTPProposer):
         self.cost = cost if cost is not None else measure(model, (1, 4), range(1, k_max + 2),
                                                           max_len=min(256, model.max_len))
         self.depth = 0
+        # step shapes (k, extend width, batch) timed once already: the first run of one pays its warm-up
+        # (compilation, first allocations) and is not timed. Kept across batches: a probe of a depth is
+        # often its only step in a batch, and were each batch's first one dropped, a depth that runs on
+        # probes alone would never be measured.
+        self.timed: set[tuple[int, int, int]] = set()
 
     @property
     def wants_hidden(self) -> bool:  # once off, the engine need not hand over hidden states
@@ -238,7 +243,6 @@ class AutoMTPProposer(MTPProposer):
         self.streak = (-1, 0)  # the depth chosen last and for how many steps in a row
         self.probe_up = False
         self.ran: tuple[int, int] | None = None  # (k, extend width) of the step in flight; None: untimed
-        self.timed: set[tuple[int, int]] = set()
         self.off = False  # speculation turned off for the rest of this batch
         self.idle_probes = 0  # probes from depth 0 since the chooser last picked a depth > 0 itself
 
@@ -309,11 +313,11 @@ class AutoMTPProposer(MTPProposer):
             self.record.update(drafted, accepted)
         if self.ran is None:
             return
-        if self.ran not in self.timed:  # the first run of a shape pays its warm-up
-            self.timed.add(self.ran)
-            return
         k, width = self.ran
         b = len(self.rows)
+        if (k, width, b) not in self.timed:  # the first run of a shape pays its warm-up
+            self.timed.add((k, width, b))
+            return
         mtp = (self.cost.extend(width, b) if width else 0.0) + max(k - 1, 0) * self.cost.draft(b)
         self.cost.observe_step(k, b, seconds, mtp)
 
