@@ -250,7 +250,8 @@ def measure(model, batches: Sequence[int] = (1, 4), tokens: Sequence[int] = (1, 
     """Time verify(n, b), extend(n, b) and draft(b) on the model's step path (as loaded: compiled or
     not) in scratch caches `max_len` long and half full, adding the points to `into` (or a new model).
     extend is also timed over `prompt` tokens (where the cache has room): the first drafting step of a
-    batch extends the prompts, and a line through n = 1..5 put that 2-5x off."""
+    batch extends the prompts, which the chooser prices (`AutoMTPProposer.prefill_steps`) from this
+    point rather than from n = 1..5 extrapolated."""
     dev = next(model.parameters()).device
     cost = into or CostModel(str(dev))
     if cost.extend_table is None:
