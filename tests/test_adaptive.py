@@ -202,6 +202,22 @@ def test_auto_times_a_shape_seen_in_an_earlier_batch(model, monkeypatch):
     assert first == second - len(prop.timed) and len(prop.timed) >= 3
 
 
+def test_auto_traces_what_its_chooser_saw_at_every_step(model):
+    """One entry per step the chooser ran: the depth chosen (-1 where it turned drafting off), the best
+    drafting depth's predicted throughput over plain decoding's, and that depth's excess."""
+    prop = AutoMTPProposer(model, 2, cost=fake_cost(), prior=[0.9])
+    res = Engine(model, prop).generate([[5, 9, 200, 31]], 12)
+    ks = [k for k, _, _ in prop.trace]
+    per_k = res[0].metrics.steps_per_k
+    assert len(ks) == sum(per_k) and all(ks.count(k) == n for k, n in enumerate(per_k))
+    # k = 2 first: 1 + 0.9 + 0.81 tokens in verify(3) + extend + a draft step (1.3 + 0.2 + 0.2) against
+    # one token in 1.1
+    assert prop.trace[0][0] == 2 and prop.trace[0][1] == pytest.approx(2.71 / 1.7 * 1.1, abs=1e-3)
+    prop = AutoMTPProposer(model, 2, cost=fake_cost(draft=lambda b: 50.0))  # drafting never pays: off at once
+    Engine(model, prop).generate([[5, 9, 200, 31]], 6)
+    assert len(prop.trace) == 1 and prop.trace[0][0] == -1 and prop.trace[0][1] < 0.1
+
+
 def test_cost_table_json_round_trip_and_errors(tmp_path, tiny_fp8):
     m = mtp_spec.load(tiny_fp8, max_len=64, compile="auto")
     c = measure(m, batches=(1, 2), tokens=(1, 3), max_len=64, repeats=1)

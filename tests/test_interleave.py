@@ -178,3 +178,15 @@ def test_prompts_per_suite_samples_categories_round_robin(tmp_path):
     one = tmp_path / "one.jsonl"
     one.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}"}) + "\n" for i in range(5)))
     assert [r["id"] for r in schema.load_prompts(one, 3)] == ["0", "1", "2"]  # one category: the first N
+
+
+def test_auto_cells_record_their_chooser_step_by_step(suite, tmp_path):
+    run_dir = run(_config(suite, tmp_path / "c.yaml", [{"name": "mtp", "k": [1, "auto"]}], batch_size=(2,)),
+                  tmp_path / "out", progress=False)
+    recs = read_records(run_dir / "requests.jsonl")
+    auto = [r for r in recs if r["k"] == "auto"]
+    assert auto and all(r["auto_trace"] is None for r in recs if r["k"] != "auto")
+    for r in auto:  # one entry per step the chooser ran, each [k, predicted ratio, excess ms]
+        assert r["auto_trace"] and all(len(e) == 3 and -1 <= e[0] <= 4 for e in r["auto_trace"])
+        assert len(r["auto_trace"]) <= r["num_steps"]
+    assert "auto" in table(summarize(load_requests(run_dir)))  # the report reads the records as before

@@ -245,6 +245,7 @@ class AutoMTPProposer(MTPProposer):
         self.ran: tuple[int, int] | None = None  # (k, extend width) of the step in flight; None: untimed
         self.off = False  # speculation turned off for the rest of this batch
         self.idle_probes = 0  # probes from depth 0 since the chooser last picked a depth > 0 itself
+        self.trace: list[list[float]] = []  # per step: [k (-1: off), best k > 0 / k = 0 predicted, its excess ms]
 
     def choose(self, st: DecodeState) -> int:
         """The depth of the next step, from the active rows' acceptance and the cost model; -1: turn
@@ -279,10 +280,20 @@ class AutoMTPProposer(MTPProposer):
         self.idle_probes += k == 0
         return parallel.broadcast_int(k + 1 if k == 0 or (self.probe_up and k < self.k_max) else k - 1)
 
+    def _trace(self, st: DecodeState, k: int) -> None:
+        """What the chooser saw at this step, for the run's records: a study shows why a batch turned
+        drafting off (the records hold steps per depth, not the prediction behind them)."""
+        b = len(st.tokens)
+        rates = depth_rates(self.cost, b, [r.means() for r, a in zip(self.rows, st.active) if a], self.k_max)
+        best = max(range(1, self.k_max + 1), key=rates.__getitem__)
+        ratio = rates[best] / rates[0] if rates[0] > 0 else 0.0
+        self.trace.append([k, round(ratio, 3), round(self.cost.excess(b, best) * 1e3, 3)])
+
     @torch.no_grad()
     def propose(self, st, sp):
         if not self.off:
             k = self.choose(st)
+            self._trace(st, k)
             self.off = k < 0
             if self.off:
                 self.pending = None  # the MTP layer will not run again for this batch

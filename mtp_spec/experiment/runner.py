@@ -134,13 +134,17 @@ class Runner:
         if cell.strategy in schema.PEERS:
             return self.peer(cell, idx)
         sp = SamplingParams(cell.temperature, self.exp.sweep.top_k, self.exp.sweep.top_p)
-        engine = Engine(self.model, self.proposer(cell))
+        proposer = self.proposer(cell)
+        engine = Engine(self.model, proposer)
         t0 = time.perf_counter()
         res = engine.generate([self.ids[i] for i in idx], cell.max_new_tokens, sp,
                               seed=cell.seed * 7919 + idx[0], eos_id=self.tok.eos_id)
         if self.exp.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return res, time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        trace = getattr(proposer, "trace", None)  # k=auto: what its chooser saw, step by step
+        self.trace = list(trace) if trace is not None else None
+        return res, wall
 
     @torch.no_grad()
     def peer(self, cell: Cell, idx: list[int]):
@@ -458,4 +462,7 @@ def _record(cell: Cell, prompt: dict, r, wall: float, batch_tokens: int, runner:
         "tpot_s": m.tpot_s, "total_s": m.total_s, "tokens_per_s": m.tokens_per_s, "batch_wall_s": wall,
         "batch_tokens_per_s": batch_tokens / wall if wall > 0 else 0.0, "lossless": None, "lossy": r.lossy,
         "device": runner.exp.device, "dtype": runner.exp.dtype,
+        # k=auto: the batch's chooser per step, [k chosen (-1: drafting off for the batch), predicted
+        # tokens/s of the best depth > 0 over plain decoding's, that depth's excess in ms]
+        "auto_trace": getattr(runner, "trace", None) if cell.k == "auto" else None,
     }
