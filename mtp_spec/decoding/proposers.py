@@ -246,13 +246,13 @@ class AutoMTPProposer(MTPProposer):
         self.off = False  # speculation turned off for the rest of this batch
         self.idle_probes = 0  # probes from depth 0 since the chooser last picked a depth > 0 itself
         self.trace: list[list[float]] = []  # per step: [k (-1: off), best k > 0 / k = 0 predicted, its excess ms]
+        self.predicted: list[float] | None = None  # tokens/s per depth the chooser predicted at this step
 
     def choose(self, st: DecodeState) -> int:
         """The depth of the next step, from the active rows' acceptance and the cost model; -1: turn
         speculation off for the rest of the batch. Timings differ per rank, so rank 0's choice is
         everyone's."""
-        rows = [r.means() for r, a in zip(self.rows, st.active) if a]
-        rates = depth_rates(self.cost, len(st.tokens), rows, self.k_max)
+        rates = self._predict(st)
         k = best_depth(rates)
         last, run = self.streak
         if last <= 0 and rates[k] < self.switch_on * rates[0]:
@@ -280,11 +280,17 @@ class AutoMTPProposer(MTPProposer):
         self.idle_probes += k == 0
         return parallel.broadcast_int(k + 1 if k == 0 or (self.probe_up and k < self.k_max) else k - 1)
 
+    def _predict(self, st: DecodeState) -> list[float]:
+        """Predicted tokens/s per depth 0..k_max for the active rows (`depth_rates`), kept for `_trace`."""
+        rows = [r.means() for r, a in zip(self.rows, st.active) if a]
+        self.predicted = depth_rates(self.cost, len(st.tokens), rows, self.k_max)
+        return self.predicted
+
     def _trace(self, st: DecodeState, k: int) -> None:
         """What the chooser saw at this step, for the run's records: a study shows why a batch turned
         drafting off (the records hold steps per depth, not the prediction behind them)."""
         b = len(st.tokens)
-        rates = depth_rates(self.cost, b, [r.means() for r, a in zip(self.rows, st.active) if a], self.k_max)
+        rates = self.predicted if self.predicted is not None else self._predict(st)  # a subclass may choose alone
         best = max(range(1, self.k_max + 1), key=rates.__getitem__)
         ratio = rates[best] / rates[0] if rates[0] > 0 else 0.0
         self.trace.append([k, round(ratio, 3), round(self.cost.excess(b, best) * 1e3, 3)])
@@ -292,6 +298,7 @@ class AutoMTPProposer(MTPProposer):
     @torch.no_grad()
     def propose(self, st, sp):
         if not self.off:
+            self.predicted = None
             k = self.choose(st)
             self._trace(st, k)
             self.off = k < 0

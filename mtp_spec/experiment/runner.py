@@ -99,6 +99,7 @@ class Runner:
         self.model = load(self.model_dir, device=exp.device, dtype=self.dtype, max_len=max_len,
                           mtp_hidden=exp.mtp_hidden, compile=exp.compile)
         self.auto: dict[int, object] = {}  # k=auto proposers by draft vocabulary (see proposer)
+        self.trace: list | None = None  # the last k=auto batch's chooser, step by step (see generate)
         self.heads = None  # draft vocabularies (draft_vocab), each sub-head built on first use
         if any(n for s in exp.strategies for n in s.draft_vocab):
             from mtp_spec.draft_vocab import DraftHeads
@@ -464,5 +465,5 @@ def _record(cell: Cell, prompt: dict, r, wall: float, batch_tokens: int, runner:
         "device": runner.exp.device, "dtype": runner.exp.dtype,
         # k=auto: the batch's chooser per step, [k chosen (-1: drafting off for the batch), predicted
         # tokens/s of the best depth > 0 over plain decoding's, that depth's excess in ms]
-        "auto_trace": getattr(runner, "trace", None) if cell.k == "auto" else None,
+        "auto_trace": runner.trace if cell.k == "auto" else None,
     }
