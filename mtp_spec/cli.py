@@ -144,7 +144,9 @@ def cmd_generate(a) -> int:
         from mtp_spec.draft_vocab import apply_draft_vocab
 
         apply_draft_vocab(model, a.draft_vocab, a.model)  # before the proposer: --k auto times this draft step
-    proposer = make_proposer(strategy, model, a.k, a.tree_width, a.draft_model, a.ngram_max, compile=a.compile)
+    # k auto times its steps at the one batch size this command runs (the prompts are one batch)
+    proposer = make_proposer(strategy, model, a.k, a.tree_width, a.draft_model, a.ngram_max, compile=a.compile,
+                             batches=(len(prompts),))
     eos = tok.eos_id if tok is not None else model.args.eos_token_id
     stream = not a.json and len(prompts) == 1 and tok is not None
     printed: list[int] = []

@@ -21,23 +21,25 @@ from mtp_spec.decoding.cost import (
     Acceptance,
     CostModel,
     Table,
+    best_depth,
     choose_depth,
+    depth_rates,
     expected_tokens,
     measure,
 )
 from mtp_spec.decoding.engine import Engine
-from mtp_spec.decoding.proposers import AutoMTPProposer
+from mtp_spec.decoding.proposers import AutoMTPProposer, DecodeState, _FixedDepth, _Plain, measure_steps
 from mtp_spec.decoding.sampling import SamplingParams
 from mtp_spec.decoding.strategies import make_proposer
 from mtp_spec.tokenizer import write_byte_tokenizer
 
 
 def fake_cost(verify=lambda n, b: 1.0 + 0.1 * n * b, draft=lambda b: 0.2, extend=None) -> CostModel:
-    """A hand-made table on n = 1..5, b in (1, 4), not refreshed online (alpha 0): runs are repeatable."""
+    """A hand-made table on n = 1..5, b in (1, 4), not refreshed online: runs are repeatable."""
     ns, bs = range(1, 6), (1, 4)
     ext = None if extend is None else Table({(n, b): extend(n, b) for n in ns for b in bs})
     return CostModel("fake", Table({(n, b): verify(n, b) for n in ns for b in bs}),
-                     Table({(1, b): draft(b) for b in bs}), ext, alpha=0.0)
+                     Table({(1, b): draft(b) for b in bs}), ext, online=False)
 
 
 class Forced(AutoMTPProposer):
@@ -128,61 +130,108 @@ def test_a_step_of_depth_k_runs_one_extend_and_k_minus_1_draft_steps(model, monk
     assert calls[0] == 4 and calls[1:4] == [1, 1, 4] and calls[4:7] == [1, 1, 4]
 
 
-def test_online_refresh_is_a_running_mean_then_a_moving_average():
+def test_online_the_pace_moves_every_depth_and_a_depth_keeps_its_own_ratio():
     c = fake_cost(verify=lambda n, b: 1.0, draft=lambda b: 0.5)
-    c.alpha = 0.25
-    # plain steps: verify(1, b), the warm-up value counting as one observation
-    c.observe_step(0, 4, seconds=3.0, mtp_seconds=0.0)  # mean of 1 and 3
-    assert c.verify(1, 4) == pytest.approx(2.0) and c.verify(2, 4) == 1.0
-    c.observe_step(0, 4, seconds=4.5, mtp_seconds=0.5)  # a catch-up extend is taken out: mean of 1, 3, 4
-    assert c.verify(1, 4) == pytest.approx(8 / 3)
-    c.observe_step(0, 4, seconds=4.0, mtp_seconds=0.0)  # 1/4 = alpha from here: mean of 1, 3, 4, 4
-    c.observe_step(0, 4, seconds=5.0, mtp_seconds=0.0)  # 3 + 0.25 * (5 - 3)
-    assert c.verify(1, 4) == pytest.approx(3.5)
-    # drafting steps: an excess per batch over what the table predicts, shared by depths with few steps
+    c.online = True
     assert c.step_time(2, 4) == pytest.approx(1.0 + 0.5 + 0.5)  # verify 3, extend 3, one draft step
-    c.observe_step(2, 4, seconds=3.0, mtp_seconds=1.0)  # 1.0 more than verify(3, 4): one step alone moves nothing
-    assert c.excess(4) == 0.0
-    c.observe_step(1, 4, seconds=2.5, mtp_seconds=0.5)  # 1.0 over verify(2, 4) again: two of three
-    assert c.excess(4) == pytest.approx(1.0) and c.step_time(2, 4) == pytest.approx(3.0)
-    assert c.excess(4, 1) == c.excess(4, 2) == c.excess(4)  # one step of each depth: the shared excess
-    assert c.step_time(4, 4) == pytest.approx(1.0 + 0.5 + 3 * 0.5 + 1.0)  # a depth not yet run
-    assert c.step_time(0, 4) == c.verify(1, 4) and c.verify(3, 4) == 1.0
-    c.forget()  # a new batch: the excesses seen so far halved (0.5, 0.5)
-    assert c.excess(4) == pytest.approx(0.5)
-    c.observe_step(1, 4, seconds=9.0, mtp_seconds=0.5)  # one slow step (excess 7.5) moves nothing
-    assert c.excess(4) == pytest.approx(0.5)
-    for _ in range(2):  # three of the last five: the excess follows
-        c.observe_step(1, 4, seconds=9.0, mtp_seconds=0.5)
-    assert c.excess(4) == pytest.approx(7.5)
-    # k = 1 now has four steps of its own (halved 0.5, then 7.5 x 3): its own median; k = 2, with one, shares
-    assert c.excess(4, 1) == pytest.approx(7.5) and c.excess(4, 2) == pytest.approx(7.5)
-    # a batch not measured gets its own row, starting from the interpolation between b = 1 and 4
-    c.observe_step(0, 2, seconds=3.0, mtp_seconds=0.0)
-    v12 = (1.0 + 2.5 / 3 + 3.0) / 2
-    assert c.verify(1, 2) == pytest.approx(v12) and c.verify(5, 2) == pytest.approx(1.0)
-    assert {n for n, b in c.verify_table.points if b == 2} == {1, 2, 3, 4, 5}
-    c.alpha = 0.0  # never refreshed
-    before = c.excess(2)
+    assert c.step_time(0, 4) == 1.0 and c.speed(4) == 1.0  # nothing seen: the table
+    # drafting steps at twice the table: one or two move nothing, a majority of the window moves the pace,
+    # and with it every depth without steps of its own, plain decoding included
+    c.observe_step(1, 4, seconds=4.0, mtp_seconds=1.0)  # table: verify(2) + an extend of 3 waiting tokens
+    c.observe_step(1, 4, seconds=4.0, mtp_seconds=1.0)
+    assert c.speed(4) == 1.0
+    c.observe_step(2, 4, seconds=4.0, mtp_seconds=1.0)  # 2x again, another depth: the pace is shared
+    c.observe_step(1, 4, seconds=4.0, mtp_seconds=1.0)
+    c.observe_step(1, 4, seconds=4.0, mtp_seconds=1.0)
+    assert c.speed(4) == pytest.approx(2.0) and c.step_time(0, 4) == pytest.approx(2.0)
+    assert c.step_time(3, 4) == pytest.approx(2 * (1.0 + 0.5 + 2 * 0.5))  # a depth never run: the pace
+    # a depth with a majority of a window of its own steps is priced by them
+    for _ in range(3):
+        c.observe_step(3, 4, seconds=7.5, mtp_seconds=1.5)  # 3x its table
+    assert c.factor(3, 4) == pytest.approx(3.0) and c.factor(1, 4) == pytest.approx(2.0)
+    assert c.factor(2, 4) == c.speed(4) == pytest.approx(2.0)  # one step of its own: the pace
+    # a plain step's catch-up extend is priced as part of its table time
+    c.observe_step(0, 4, seconds=4.0, mtp_seconds=1.0)  # 2x of verify(1) + 1.0
+    assert c.speed(4) == pytest.approx(2.0)
+    # one slow step among many moves nothing; a new batch pulls the own ratios halfway to the pace
+    c.observe_step(0, 4, seconds=50.0, mtp_seconds=0.0)
+    assert c.speed(4) == pytest.approx(2.0)
+    c.forget()
+    assert c.factor(3, 4) == pytest.approx(2.5) and c.factor(1, 4) == pytest.approx(2.0)
+    # a batch size never run starts from the pace of all recent steps, then its own takes over
+    assert c.speed(2) == pytest.approx(2.0)
+    for _ in range(5):
+        c.observe_step(0, 2, seconds=0.5, mtp_seconds=0.0)
+    assert c.speed(2) == pytest.approx(0.5) and c.speed(4) == pytest.approx(2.0)
+    c.online = False  # never refreshed
     c.observe_step(0, 2, seconds=9.0, mtp_seconds=0.0)
-    c.observe_step(1, 2, seconds=9.0, mtp_seconds=0.0)
-    assert c.verify(1, 2) == pytest.approx(v12) and c.excess(2) == pytest.approx(before)
+    assert c.speed(2) == pytest.approx(0.5) and c.verify(1, 2) == 1.0
+
+
+def test_plain_decodings_price_follows_the_machine_while_auto_drafts():
+    """The machine gets faster while auto drafts (a warm-up on a busy CPU): drafting steps take 0.6 of
+    the table. With plain decoding's price refreshed by plain steps alone, it stayed at the warm-up
+    value and drafting looked 1.5x better than it was; the shared pace scales both alike."""
+    c = fake_cost(verify=lambda n, b: {1: 1.0, 2: 1.4}.get(n, 2.0), draft=lambda b: 0.1, extend=lambda n, b: 0.1)
+    c.online = True
+    p = [[0.3]]  # 1.3 tokens a step at k = 1: 1.3 / 1.5 of plain decoding's rate by the table
+    assert choose_depth(c, 1, p, 1) == 0
+    for _ in range(9):
+        c.observe_step(1, 1, seconds=0.9, mtp_seconds=0.1)
+    assert choose_depth(c, 1, p, 1) == 0 and c.step_time(0, 1) == pytest.approx(0.6)
+
+
+def test_the_chooser_reads_the_engines_whole_steps_where_they_were_timed(model):
+    """The forwards' sum put k = 1 ahead; the engine's whole steps, timed per depth, say it is not."""
+    c = fake_cost()
+    p = [[0.5]]
+    assert choose_depth(c, 1, p, 1) == 1  # 1.5 / (verify(2) 1.2 + extend 0.2) against 1 / 1.1
+    c.step_table = Table({(1, 1): 1.0, (2, 1): 2.0})
+    assert choose_depth(c, 1, p, 1) == 0 and c.table_time(1, 1) == 2.0
+    # a step whose MTP parts differ from a steady one (an extend of 6 waiting tokens) is priced by the difference
+    assert c.table_time(1, 1, mtp_seconds=0.5) == pytest.approx(2.3)
+    measure_steps(model, c, (1, 2), 2)
+    pts = c.step_table.points
+    assert set(pts) == {(n, b) for n in (1, 2, 3) for b in (1, 2)} and all(t > 0 for t in pts.values())
+    assert all(pts[(n, b)] <= pts[(n + 1, b)] for n in (1, 2) for b in (1, 2))
+    assert set(c.off_table.points) == {(1, 1), (1, 2)} and c.step_time(0, 2) == c.off_table(1, 2)
+    # plain decoding is priced as decoding with drafting off: what the batch gets by stopping
+    c.off_table = Table({(1, 1): 1.5})
+    c.step_table = Table({(1, 1): 1.0, (2, 1): 2.0})
+    assert c.step_time(0, 1) == 1.5 and c.step_time(1, 1) == 2.0 and choose_depth(c, 1, p, 1) == 1
+    c.off_table = Table({(1, 1): 1.2})  # 1.5 tokens in 2.0 against one in 1.2
+    assert choose_depth(c, 1, p, 1) == 0 and choose_depth(c, 1, [[0.8]], 1) == 1
+    assert not c.paces and not c.owns  # timing the depths teaches the chooser nothing of a run
+
+
+def test_a_batch_is_worth_what_its_slowest_row_gets():
+    """A batch returns when its last row is done: one row that drafts badly decides, however well the
+    others draft; and a row's last token takes a step at any depth."""
+    c = fake_cost()  # batch 1 of the table: a plain step 1.1, k = 1 1.4
+    rows = [[0.9], [0.1]]
+    summed = depth_rates(c, 1, rows, 1)
+    assert summed[1] > summed[0]  # 2.9 tokens in 1.4 against 2 in 1.1
+    finish = depth_rates(c, 1, rows, 1, remaining=[30, 30])
+    assert finish[0] > finish[1]  # the second row: 30 steps of 1.1 against 30 / 1.1 of 1.4
+    assert finish[0] == pytest.approx(60 / (30 * 1.1)) and finish[1] == pytest.approx(60 / (30 / 1.1 * 1.4))
+    assert best_depth(depth_rates(c, 1, [[0.9]], 1, remaining=[30])) == 1
+    assert best_depth(depth_rates(c, 1, [[0.9]], 1, remaining=[1])) == 0  # the last token: one step either way
 
 
 def test_a_depth_with_steps_of_its_own_is_judged_by_them():
     """The table puts k = 2 a little behind k = 1 (its verify(3) a few percent high, as a line through
     a CPU kernel's flat steps did); k = 2's own steps, faster than the table, turn the choice. With one
-    excess shared by both depths, k = 2's steps made k = 1 look faster by as much, and k = 1 stayed."""
+    ratio shared by both depths, k = 2's steps made k = 1 look faster by as much, and k = 1 stayed."""
     c = fake_cost(verify=lambda n, b: {1: 1.0, 2: 1.05, 3: 1.3}.get(n, 2.0), draft=lambda b: 0.02,
                   extend=lambda n, b: 0.02)
-    c.alpha = 0.1
+    c.online = True
     p = [[0.6, 0.45]]
     assert choose_depth(c, 1, p, 2) == 1  # 1.6 / 1.07 against 1.87 / 1.34
     for _ in range(5):
         c.observe_step(1, 1, seconds=1.07, mtp_seconds=0.02)  # k = 1 as the table says
     for _ in range(3):
         c.observe_step(2, 1, seconds=1.14, mtp_seconds=0.04)  # k = 2 0.2 below the table
-    assert c.excess(1, 1) == pytest.approx(0.0) and c.excess(1, 2) == pytest.approx(-0.2)
+    assert c.speed(1) == pytest.approx(1.0) and c.factor(2, 1) == pytest.approx(1.14 / 1.34)
     assert choose_depth(c, 1, p, 2) == 2
 
 
@@ -204,10 +253,10 @@ def test_auto_times_a_shape_seen_in_an_earlier_batch(model, monkeypatch):
 
 def test_auto_traces_what_its_chooser_saw_at_every_step(model):
     """One entry per step the chooser ran: the depth chosen (-1 where it turned drafting off), the best
-    drafting depth's predicted throughput over plain decoding's, and that depth's excess."""
+    drafting depth's predicted throughput over plain decoding's, the pace, and that depth's ratio."""
     prop = AutoMTPProposer(model, 2, cost=fake_cost(), prior=[0.9])
     res = Engine(model, prop).generate([[5, 9, 200, 31]], 12)
-    ks = [k for k, _, _ in prop.trace]
+    ks = [k for k, *_ in prop.trace]
     per_k = res[0].metrics.steps_per_k
     assert len(ks) == sum(per_k) and all(ks.count(k) == n for k, n in enumerate(per_k))
     # k = 2 first: 1 + 0.9 + 0.81 tokens in verify(3) + extend + a draft step (1.3 + 0.2 + 0.2) against
@@ -301,6 +350,30 @@ def test_a_first_probe_runs_only_where_extending_the_prompts_is_cheap(model, mon
         assert prop.off and count.steps == [] and len(got[0].metrics.steps_per_k) == 1  # k = 0 only
     else:
         assert count.steps and got[0].metrics.steps_per_k[1] >= 1  # probed (then off: the probe changed nothing)
+
+
+def test_before_anything_drafted_the_first_probe_comes_soon_and_off_follows_a_probe_that_changed_nothing(model):
+    """k = 1 predicted level with plain decoding (within `margin`): a quarter of `probe_every` plain
+    steps, one probe, and off at once when plain decoding is chosen again (not another `probe_every`
+    plain steps first, each dearer than decoding with drafting off)."""
+    cost = fake_cost(verify=lambda n, b: 1.0 if n == 1 else 1.5, draft=lambda b: 0.0, extend=lambda n, b: 0.0)
+    prop = AutoMTPProposer(model, 1, cost=cost, probe_every=8, prior=[0.5])
+    got = Engine(model, prop).generate([[5, 9, 200, 31]], 16)
+    assert [k for k, *_ in prop.trace] == [0, 0, 1, -1] and prop.off
+    assert got[0].token_ids == Engine(model).generate([[5, 9, 200, 31]], 16)[0].token_ids
+
+
+def test_starting_to_draft_must_save_more_than_the_extend_it_costs(model):
+    """From plain decoding, a depth predicted faster is taken when the time it saves over the rest of
+    the batch beats the extend of all that waited; near the end of a batch it is not."""
+    prop = AutoMTPProposer(model, 1, cost=fake_cost(extend=lambda n, b: 0.5 * n), prior=[0.9])
+    prop.reset(1, 64)
+    st = DecodeState([[5, 9, 200, 31, 7]], [True], [torch.Generator()], [4], torch.tensor([7]),
+                     torch.ones(1, dtype=torch.bool), next_tokens=torch.zeros(1, 5, dtype=torch.long))
+    for left, start in [(60, True), (2, False)]:  # saves 66 - 44.2 (or 2.2 - 1.47) against extend(5) = 2.5
+        st.remaining = [left]
+        rates = depth_rates(prop.cost, 1, [[0.9]], 1, st.remaining)
+        assert rates[1] > rates[0] and prop._worth_starting(st, rates, 1) is start
 
 
 @pytest.mark.parametrize("why", ["margin", "probes"])
@@ -446,16 +519,18 @@ def test_generate_defaults_to_auto_depth_and_records_it(tiny_fp8, capsys):
 
 def test_compare_rounds_alternate_and_each_starts_from_what_auto_knew(tiny_fp8, capsys, monkeypatch):
     write_byte_tokenizer(tiny_fp8)
-    seen = []  # what auto has learned when each of its runs starts: acceptance counts, excess times
+    seen = []  # what auto has learned when each of its runs starts: acceptance counts, step times
     order = []  # which engine ran, in turn
     start, generate = AutoMTPProposer.reset, Engine.generate
 
     def reset(self, batch, max_len):
-        seen.append((sum(self.record.trials), len(self.cost.recent)))
+        if not isinstance(self, _FixedDepth):  # the warm-up's timing of each depth is not a run
+            seen.append((sum(self.record.trials), len(self.cost.paces)))
         start(self, batch, max_len)
 
     def logged(self, *args, **kwargs):
-        order.append("mtp" if isinstance(self.proposer, AutoMTPProposer) else "vanilla")
+        if not isinstance(self.proposer, (_FixedDepth, _Plain)):
+            order.append("mtp" if isinstance(self.proposer, AutoMTPProposer) else "vanilla")
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(AutoMTPProposer, "reset", reset)

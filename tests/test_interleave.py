@@ -186,7 +186,7 @@ def test_auto_cells_record_their_chooser_step_by_step(suite, tmp_path):
     recs = read_records(run_dir / "requests.jsonl")
     auto = [r for r in recs if r["k"] == "auto"]
     assert auto and all(r["auto_trace"] is None for r in recs if r["k"] != "auto")
-    for r in auto:  # one entry per step the chooser ran, each [k, predicted ratio, excess ms]
-        assert r["auto_trace"] and all(len(e) == 3 and -1 <= e[0] <= 4 for e in r["auto_trace"])
+    for r in auto:  # one entry per step the chooser ran, each [k, predicted ratio, pace, the depth's ratio]
+        assert r["auto_trace"] and all(len(e) == 4 and -1 <= e[0] <= 4 for e in r["auto_trace"])
         assert len(r["auto_trace"]) <= r["num_steps"]
     assert "auto" in table(summarize(load_requests(run_dir)))  # the report reads the records as before

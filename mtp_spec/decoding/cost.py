@@ -5,7 +5,8 @@ Times in seconds for the model on its device (a `CostModel`):
   draft(b)       one chained MTP draft step, (b, 1) with full logits
   extend(n, b)   the MTP draft extend over n committed tokens per row (logits at one position)
 A step of depth k as `MTPProposer` runs it: extend the k + 1 tokens the previous step committed (which
-yields draft 1), k - 1 chained draft steps, then verify the newest token and the k drafts:
+yields draft 1), k - 1 chained draft steps, then verify the newest token and the k drafts. By the
+forwards alone (`table_time` where no whole steps were timed; the report's predictions):
   step_time(k, b) = verify(k + 1, b) + extend(k + 1, b) + (k - 1) draft(b)     k >= 1
   step_time(0, b) = verify(1, b)     the MTP cache catches up later, in one extend of what is pending
 With conditional acceptance p_j = P(draft j accepted | drafts 1..j-1 accepted) a row emits
@@ -13,26 +14,33 @@ With conditional acceptance p_j = P(draft j accepted | drafts 1..j-1 accepted) a
 tokens per step (the bonus or correction token included). Rows that finished stay in the batch, so a
 step costs step_time(k, b) for the whole batch while only the active rows emit.
 
+The forwards' sum misses what the engine adds around them and what they do to each other's caches,
+so `auto` reads whole engine steps where they were timed (`proposers.measure_steps`): `step_table`,
+points (k + 1, b), and `off_table`, the step with drafting off, which prices k = 0 (what a batch gets
+by stopping; a plain step that keeps the MTP layer ready costs 1.07-1.22x that on the toy).
+
 Times between measured points are linear in n (along each measured batch) and then in b. Outside the
 measured range: below the smallest n or b the edge value holds (small steps are bound by reading the
 weights, not cheaper); above the largest the last segment continues, never falling (one point: flat).
-Online, step times refresh the table: a plain step (k = 0) its verify(1, b) point; a drafting step
-the batch's `excess(b, k)`, what drafting steps take beyond the table's verify(k + 1, b) + MTP parts
-(the verifier, the hand-over of hidden states, a context shorter or longer than at warm-up), which
-step_time adds to k >= 1. A depth with a majority of a window of its own steps at b gets its own
-excess, so that two neighbouring depths are told apart by what their steps took (seen: k = 1 run on
-97% of the steps at batch 1 while k = 2 paid 11% more, because the table's verify(3, 1) was a few ms
-high); a depth with fewer gets the one shared by all depths at b, so that it is not predicted from its
-warm-up point alone (seen: k = 2 chosen at batch 4 on the strength of a table 20% below what drafting
-steps took there). verify(1, b) is a running mean over its first
-observations (the warm-up value counts as one), then an exponential moving average with weight
-`alpha`. The shared excess is the median of the last EXCESS_WINDOW observed at b, zeros standing in for
-steps not yet seen up to a majority of the window (at a batch size never drafted at: interpolated
-from the others, 0 before any), halved at each new batch (`forget`): a mean let one slow step
-decide (seen at batch 2 on a noisy CPU: a first drafting step 6-9 ms slow, at a 33 ms step, turned
-drafting off for batches where k = 1 paid 1.2x).
+
+Online the tables stay as measured; each timed step's ratio of what it took to what the tables say
+(`table_time`, the MTP parts it ran included) refreshes
+  speed(b)       the pace at batch b: the median ratio of the last SPEED_WINDOW steps there, any
+                 depth (ones standing in for steps not yet seen, up to a majority, so one or two slow
+                 steps cannot decide; at a batch size not yet run: the pace of all recent steps)
+  factor(k, b)   depth k's: the median of its own last OWN_WINDOW ratios at b once it has a majority
+                 of them, else the pace
+  step_time(k, b) = factor(k, b) * table_time(k, b)      (k = 0: factor(0, b) * off_table)
+A depth with steps of its own is told apart from its neighbours by them (seen: k = 1 run on 97% of
+the steps at batch 1 while k = 2 paid 11% more, because the table's verify(3, 1) was a few ms high);
+one without (plain decoding while `auto` drafts, a depth never tried) follows the pace, so that a
+machine that changes speed moves it too (seen, with plain decoding refreshed by plain steps alone:
+its price stayed at the warm-up value and drafting looked 1.2-1.5x better than plain decoding where
+fixed k = 1 measured 0.88-1.03x). Ratios rather than an added excess: a machine's speed scales a
+step. `forget` pulls the own ratios halfway to the pace at each batch, so that one learned once (then
+never re-measured where it turned drafting off) is re-checked.
 The engine does not time the MTP parts apart (that would need device syncs inside the step), so
-they stay as measured and what they miss lands in the excess.
+what they miss lands in the ratios.
 
 JSON (`to_json`, `from_json`; another tool reads it):
   {"device": str, "verify": [[n_tokens, batch, seconds], ...], "draft": [[batch, seconds], ...],
@@ -57,7 +65,8 @@ DEFAULT_PRIOR = 0.5  # conditional acceptance per position before anything is kn
 # At 4, four rejections on a request's first steps halved its estimate, auto stopped drafting, and a
 # row at k = 0 learns nothing more: batches where k = 1 paid 1.3-1.5x decoded plainly.
 PRIOR_WEIGHT = 8.0
-EXCESS_WINDOW = 5  # drafting steps whose median is the excess: one outlier among them moves nothing
+SPEED_WINDOW = 9  # steps (any depth) whose median ratio to the table is the pace: one outlier moves nothing
+OWN_WINDOW = 5  # a depth's own steps whose median ratio sets it apart from the pace
 PRIOR_FILE = "acceptance.json"  # a model's recorded acceptance, beside its weights (experiments/record_acceptance.py)
 
 
@@ -89,7 +98,10 @@ class Table:
     """Seconds at measured (n_tokens, batch) points."""
 
     points: dict[tuple[int, int], float] = field(default_factory=dict)
-    seen: dict[tuple[int, int], int] = field(default_factory=dict)  # step times folded into each point
+    # the points sorted per batch size, and what they were sorted from: the chooser reads the tables
+    # several times a step, and sorting them each time cost the toy model 3% of its step
+    _rows: list = field(default_factory=list, repr=False, compare=False)
+    _from: tuple = field(default=(), repr=False, compare=False)
 
     def batches(self) -> list[int]:
         return sorted({b for _, b in self.points})
@@ -97,22 +109,11 @@ class Table:
     def __call__(self, n: int, b: int) -> float:
         if not self.points:
             raise ValueError("the cost table has no measured points")
-        per_batch = [(pb, _interp(sorted((pn, t) for (pn, qb), t in self.points.items() if qb == pb), n))
-                     for pb in self.batches()]
-        return _interp(per_batch, b)
-
-    def refresh(self, n: int, b: int, seconds: float, alpha: float) -> None:
-        """Move the (n, b) point towards `seconds`: by 1 / (observations + 2) while that is more than
-        `alpha` (the point's own value counts as one observation), then by `alpha`; alpha 0: never. A
-        point not measured starts from the interpolation; a new batch gets the whole row of n's, so its
-        curve in n keeps the measured shape."""
-        if (n, b) not in self.points:
-            ns = {n} | ({pn for pn, _ in self.points} if b not in self.batches() else set())
-            self.points.update({(m, b): self(m, b) for m in ns})
-        seen = self.seen.get((n, b), 0)
-        self.seen[(n, b)] = seen + 1
-        weight = max(alpha, 1 / (seen + 2)) if alpha > 0 else 0.0
-        self.points[(n, b)] += weight * (seconds - self.points[(n, b)])
+        if self._from != (now := tuple(self.points.items())):
+            self._rows = [(pb, sorted((pn, t) for (pn, qb), t in self.points.items() if qb == pb))
+                          for pb in self.batches()]
+            self._from = now
+        return _interp([(pb, _interp(pts, n)) for pb, pts in self._rows], b)
 
 
 @dataclass
@@ -121,10 +122,13 @@ class CostModel:
     verify_table: Table = field(default_factory=Table)
     draft_table: Table = field(default_factory=Table)  # n = 1 only
     extend_table: Table | None = None
-    alpha: float = 0.1  # weight of each new plain step time in verify(1, b)'s moving average; 0: no online refresh
-    excess_table: Table = field(default_factory=lambda: Table({(1, 1): 0.0}))  # online only, n = 1
-    recent: dict[int, deque] = field(default_factory=dict)  # the last excesses observed, per batch size
-    recent_at: dict[tuple[int, int], deque] = field(default_factory=dict)  # the same per (depth, batch size)
+    # the engine's whole step of depth k at batch b, points (k + 1, b) (`proposers.measure_steps`)
+    step_table: Table | None = None
+    # the engine's step once drafting is off (vanilla's: no MTP layer, no hidden states handed over), (1, b)
+    off_table: Table | None = None
+    online: bool = True  # refresh the pace and the own ratios from the engine's step times
+    paces: dict[int, deque] = field(default_factory=dict)  # per batch size: the last steps' ratios to the table
+    owns: dict[tuple[int, int], deque] = field(default_factory=dict)  # per (depth, batch size): the same, its own steps
 
     def verify(self, n: int, b: int) -> float:
         return self.verify_table(n, b)
@@ -135,25 +139,47 @@ class CostModel:
     def extend(self, n: int, b: int) -> float:
         return self.extend_table(n, b) if self.extend_table is not None else self.draft(b)
 
-    def excess(self, b: int, k: int | None = None) -> float:
-        """What drafting steps of depth k at batch b took beyond the table: depth k's own median once it
-        has a majority of a window of steps there, else the one shared by all depths (k None: shared)."""
-        own = self.recent_at.get((k, b), ())
-        if len(own) > EXCESS_WINDOW // 2:
-            return statistics.median(own)
-        return self.excess_table(1, b)
+    def table_time(self, k: int, b: int, mtp_seconds: float | None = None) -> float:
+        """A step of depth k at batch b by the warm-up tables alone: the engine's whole step where it
+        was timed (`step_table`), else its forwards. `mtp_seconds`: what this step's MTP parts took by
+        the table, where they differ from a steady step's (a plain step's catch-up extend, a first
+        drafting step's extend of all that waited)."""
+        steady = self.extend(k + 1, b) + (k - 1) * self.draft(b) if k else 0.0
+        extra = 0.0 if mtp_seconds is None else mtp_seconds - steady
+        base = self.step_table(k + 1, b) if self.step_table is not None else self.verify(k + 1, b) + steady
+        return max(base + extra, 1e-9)
+
+    def speed(self, b: int) -> float:
+        """The machine's pace at batch b: step times over the table's, any depth. Until b has a
+        majority of a window of steps, the pace of all recent steps stands in for the missing ones."""
+        d = self.paces.get(b, ())
+        need = SPEED_WINDOW // 2 + 1
+        if len(d) >= need:
+            return statistics.median(d)
+        everything = [r for q in self.paces.values() for r in q]
+        prior = statistics.median(everything + [1.0] * (need - len(everything))) if everything else 1.0
+        return statistics.median(list(d) + [prior] * (need - len(d)))
+
+    def factor(self, k: int, b: int) -> float:
+        """What a step of depth k at batch b takes now over what the table says: the median of depth
+        k's own last steps there once it has a majority of a window of them, else the pace."""
+        d = self.owns.get((k, b), ())
+        return statistics.median(d) if len(d) > OWN_WINDOW // 2 else self.speed(b)
 
     def forget(self, factor: float = 0.5) -> None:
-        """Shrink the excess towards 0: called per batch, so that an excess learned once (then never
-        re-measured where it turned drafting off) is re-checked."""
-        self.excess_table.points = {key: v * factor for key, v in self.excess_table.points.items()}
-        halve = lambda recent: {key: deque((x * factor for x in d), maxlen=d.maxlen) for key, d in recent.items()}
-        self.recent, self.recent_at = halve(self.recent), halve(self.recent_at)
+        """Pull each depth's own ratios halfway to the pace: called per batch, so that one learned once
+        (then never re-measured where it turned drafting off) is re-checked."""
+        self.owns = {(k, b): deque((self.speed(b) + (r - self.speed(b)) * factor for r in d), maxlen=d.maxlen)
+                     for (k, b), d in self.owns.items()}
 
     def step_time(self, k: int, b: int) -> float:
-        if k == 0:
-            return self.verify(1, b)
-        return self.verify(k + 1, b) + self.extend(k + 1, b) + (k - 1) * self.draft(b) + self.excess(b, k)
+        """Seconds of a step of depth k at batch b now. k = 0 is priced as decoding with drafting off
+        where that was timed (`off_table`): what a batch gets by stopping. A plain step that keeps the
+        MTP layer ready to draft again costs more (the toy: 1.07-1.22x of vanilla's step), a price of
+        waiting to probe, not of plain decoding."""
+        if k == 0 and self.off_table is not None:
+            return self.factor(0, b) * self.off_table(1, b)
+        return self.factor(k, b) * self.table_time(k, b)
 
     def tokens_per_s(self, p: Sequence[float], k: int, b: int, active: int | None = None) -> float:
         """Predicted throughput of a batch of b rows, `active` of them emitting (default all), all at p."""
@@ -161,18 +187,12 @@ class CostModel:
 
     def observe_step(self, k: int, b: int, seconds: float, mtp_seconds: float) -> None:
         """One step of depth k at batch b took `seconds`, `mtp_seconds` of them (by the table) in the
-        MTP layer: a plain step refreshes verify(1, b) (with any catch-up extend taken out), a drafting
-        step the excess at b, shared and its depth's own."""
-        if k == 0:
-            self.verify_table.refresh(1, b, max(seconds - mtp_seconds, 0.0), self.alpha)
-        elif self.alpha > 0:
-            over = seconds - mtp_seconds - self.verify(k + 1, b)
-            self.recent_at.setdefault((k, b), deque(maxlen=EXCESS_WINDOW)).append(over)
-            d = self.recent.setdefault(b, deque(maxlen=EXCESS_WINDOW))
-            d.append(over)
-            # zeros stand in for steps not yet seen, so that the first one or two cannot decide alone
-            unseen = [0.0] * (EXCESS_WINDOW // 2 + 1 - len(d))
-            self.excess_table.points[(1, b)] = statistics.median(list(d) + unseen)
+        MTP layer: its ratio to the table refreshes the pace at b and its depth's own ratio."""
+        if not self.online:
+            return
+        ratio = seconds / self.table_time(k, b, mtp_seconds)
+        self.owns.setdefault((k, b), deque(maxlen=OWN_WINDOW)).append(ratio)
+        self.paces.setdefault(b, deque(maxlen=SPEED_WINDOW)).append(ratio)
 
     # --- JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -356,10 +376,20 @@ def load_prior(model_dir: str | Path | None) -> list[float] | None:
     return [float(x) for x in rates]
 
 
-def depth_rates(cost: CostModel, batch: int, rows: Sequence[Sequence[float]], k_max: int) -> list[float]:
+def depth_rates(cost: CostModel, batch: int, rows: Sequence[Sequence[float]], k_max: int,
+                remaining: Sequence[int] | None = None) -> list[float]:
     """Predicted tokens per second of the whole batch at each depth 0..k_max: the active rows'
-    expected tokens (each from its own acceptance `rows[i]`) over one step's time at `batch` rows."""
-    return [sum(expected_tokens(p, k) for p in rows) / cost.step_time(k, batch) for k in range(k_max + 1)]
+    expected tokens (each from its own acceptance `rows[i]`) over one step's time at `batch` rows.
+    With `remaining` (tokens each active row may still emit), the batch's tokens over the time to
+    finish it: a batch returns when its slowest row is done, so a depth is worth what it brings the
+    row that needs the most steps (max(1, remaining / expected tokens): a row's last token takes a
+    step at any depth). Summing over rows let rows that draft well hide one that does not (toy,
+    batch 4, fixed k = 1: the batch took 1.11x the mean of its rows' steps)."""
+    if remaining is None:
+        return [sum(expected_tokens(p, k) for p in rows) / cost.step_time(k, batch) for k in range(k_max + 1)]
+    total = sum(remaining)
+    steps = [max(max(1.0, n / expected_tokens(p, k)) for p, n in zip(rows, remaining)) for k in range(k_max + 1)]
+    return [total / (s * cost.step_time(k, batch)) for k, s in enumerate(steps)]
 
 
 def best_depth(rates: Sequence[float]) -> int:

@@ -96,7 +96,7 @@ class Engine:
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(b)]
         first = out.logits[:, 0].argmax(-1) if run.sp.greedy else sample_rows(probs(out.logits[:, 0], run.sp), gens)
         st = DecodeState([list(p) for p in prompts], [True] * b, gens, [len(p) for p in prompts], first,
-                         torch.ones(b, dtype=torch.bool, device=dev))
+                         torch.ones(b, dtype=torch.bool, device=dev), remaining=[run.max_new] * b)
         if prop.wants_hidden:
             st.hidden = self._hidden(out)
             nxt = torch.cat([toks[:, 1:], torch.zeros_like(toks[:, :1])], 1)
@@ -187,6 +187,8 @@ class Engine:
         if run.on_tokens is not None and kept:
             run.on_tokens(i, new[:kept])
         res.metrics.num_generated = len(res.token_ids)
+        if st.remaining is not None:
+            st.remaining[i] = run.max_new - len(res.token_ids)
         if reason:
             st.active[i] = False
             st.active_t[i] = False

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import torch
 
 import mtp_spec.parallel as parallel
-from mtp_spec.decoding.cost import DEFAULT_PRIOR, Acceptance, CostModel, best_depth, depth_rates, measure
+from mtp_spec.decoding.cost import (
+    DEFAULT_PRIOR,
+    Acceptance,
+    CostModel,
+    Table,
+    best_depth,
+    depth_rates,
+    measure,
+    smooth,
+)
 from mtp_spec.decoding.sampling import SamplingParams, probs
 from mtp_spec.decoding.verify import DraftBatch, Drafts, sample_rows, tree_of
 
@@ -37,6 +46,7 @@ class DecodeState:
     next_tokens: torch.Tensor | None = None  # (b, s)
     n_new: torch.Tensor | None = None  # (b,) how many of the s positions are real (0 for finished rows)
     n_acc: torch.Tensor | None = None  # (b,) drafts accepted by the last step (None after prefill)
+    remaining: list[int] | None = None  # per row: tokens it may still emit (max_new_tokens less its output)
 
     @property
     def device(self) -> torch.device:
@@ -190,23 +200,26 @@ class AutoMTPProposer(MTPProposer):
     one step runs a neighbouring depth, deeper and shallower in turn.
 
     From plain decoding (and at the start of a batch) a depth k > 0 is taken only when it is predicted
-    `switch_on` times faster: the first drafting step extends everything that waited, the prompts at
-    first, and the timings on a shared machine are noisy.
+    `switch_on` times faster and to save more time over the rest of the batch than the first drafting
+    step's extend of everything that waited (the prompts at first) costs (`_worth_starting`).
 
     Even at k = 0 the MTP layer costs something (its catch-up extends, the probes). Where speculation
     does not pay for a batch, that is all it adds, so the proposer turns it off for the rest of the
-    batch: when `probe_every` plain steps in a row come due for a probe and no depth is predicted
-    within `margin` of plain decoding's throughput, or `max_probes` probes from depth 0 already
-    changed nothing, or no step of the batch has drafted yet and a probe would first run the MTP layer
-    over prompts that cost more than `prefill_steps` plain steps to extend (by the cost table); at
-    once when nothing has drafted yet and no depth comes within `margin`. From then on the batch
+    batch: when `probe_every` plain steps in a row (`probe_every // 4` before anything has drafted)
+    come due for a probe and no depth is predicted within `margin` of plain decoding's throughput, or
+    no step of the batch has drafted yet and a probe would first run the MTP layer over prompts that
+    cost more than `prefill_steps` plain steps to extend (by the cost table); at once when nothing has
+    drafted yet and no depth comes within `margin`, or when plain decoding is chosen again after
+    `max_probes` probes from it changed nothing (the toy at batch 1 waited another 16 plain steps, at
+    1.07-1.22x the price of decoding with drafting off, in a third of its batches). From then on the batch
     decodes plainly (pending pairs dropped, no extend, no probe, no hidden states handed over); rows
     that finish only make speculation pay less. The next batch starts afresh.
-    `cost`: a CostModel (e.g. CostModel.load), used as given and refreshed online; None: measured now."""
+    `cost`: a CostModel (e.g. CostModel.load, or `measure` then `measure_steps`), used as given and
+    refreshed online; None: measured now, at `batches` (other batch sizes are interpolated)."""
 
     def __init__(self, model, k_max: int = 4, cost: CostModel | None = None, prior: Sequence[float] | None = None,
                  sample_drafts: bool = True, probe_every: int = 16, margin: float = 0.9, max_probes: int = 1,
-                 switch_on: float = 1.1):
+                 switch_on: float = 1.03, batches: Sequence[int] = (1, 4)):
         super().__init__(model, k_max, sample_drafts)
         prior = [DEFAULT_PRIOR] * k_max if prior is None else list(prior)
         if not prior or not all(0 <= p <= 1 for p in prior):
@@ -219,8 +232,10 @@ class AutoMTPProposer(MTPProposer):
         self.off = False  # speculation turned off for the rest of the batch (reset() starts each batch on)
         self.prior = (prior + [prior[-1]] * k_max)[:k_max]
         self.record = Acceptance(self.prior)  # every request served so far
-        self.cost = cost if cost is not None else measure(model, (1, 4), range(1, k_max + 2),
-                                                          max_len=min(256, model.max_len))
+        if cost is None:
+            cost = measure(model, batches, range(1, k_max + 2), max_len=min(256, model.max_len))
+            measure_steps(model, cost, batches, k_max)
+        self.cost = cost
         self.depth = 0
         # step shapes (k, extend width, batch) timed once already: the first run of one pays its warm-up
         # (compilation, first allocations) and is not timed. Kept across batches: a probe of a depth is
@@ -245,7 +260,8 @@ class AutoMTPProposer(MTPProposer):
         self.ran: tuple[int, int] | None = None  # (k, extend width) of the step in flight; None: untimed
         self.off = False  # speculation turned off for the rest of this batch
         self.idle_probes = 0  # probes from depth 0 since the chooser last picked a depth > 0 itself
-        self.trace: list[list[float]] = []  # per step: [k (-1: off), best k > 0 / k = 0 predicted, its excess ms]
+        # per step: [k (-1: off), best k > 0 / k = 0 predicted, the pace, the best depth's step over its table time]
+        self.trace: list[list[float]] = []
         self.predicted: list[float] | None = None  # tokens/s per depth the chooser predicted at this step
 
     def choose(self, st: DecodeState) -> int:
@@ -255,8 +271,8 @@ class AutoMTPProposer(MTPProposer):
         rates = self._predict(st)
         k = best_depth(rates)
         last, run = self.streak
-        if last <= 0 and rates[k] < self.switch_on * rates[0]:
-            k = 0  # starting to draft costs an extend of all that waits (at first the prompts): not for a hair
+        if last <= 0 and k and not self._worth_starting(st, rates, k):
+            k = 0
         run = run + 1 if k == last else 1
         self.streak = (k, run % (self.probe_every + 1))
         if k:
@@ -264,26 +280,45 @@ class AutoMTPProposer(MTPProposer):
         far = max(rates[1:], default=0.0) < self.margin * rates[0]
         if k == 0 and self.first and far:  # nothing drafted yet and nothing near: no need to wait
             return parallel.broadcast_int(-1)
-        if run <= self.probe_every:
+        if k == 0 and self.idle_probes >= self.max_probes:  # the probes from plain decoding changed nothing
+            return parallel.broadcast_int(-1)
+        # before anything drafted, a plain step waiting for its probe costs more than decoding with
+        # drafting off (the toy: 1.07-1.22x) and a first probe tells little more than the prior: probe soon
+        if run <= (self.probe_every // 4 if k == 0 and self.first else self.probe_every):
             return parallel.broadcast_int(k)
-        # off where no depth comes near, where probing changed nothing, or where a probe would first
-        # have to run a costly extend of the prompts (a prefill of the MTP layer: at a large batch, many
-        # steps' time; at batch 1-2 of a 135M model about one, and turning off there lost batches where
-        # k = 1 paid 1.2x)
+        # off where no depth comes near, or where a probe would first have to run a costly extend of
+        # the prompts (a prefill of the MTP layer: at a large batch, many steps' time; at batch 1-2 of a
+        # 135M model about one, and turning off there lost batches where k = 1 paid 1.2x)
         b = len(st.tokens)
         waiting = self.pending[1].shape[1] if self.pending is not None else 0
         costly = self.first and self.cost.extend(waiting, b) > self.prefill_steps * self.cost.verify(1, b)
-        if k == 0 and (costly or self.idle_probes >= self.max_probes or far):
+        if k == 0 and (costly or far):
             return parallel.broadcast_int(-1)
         # a depth that never runs is never measured again: probe a neighbour, deeper and shallower in turn
         self.probe_up = not self.probe_up
         self.idle_probes += k == 0
         return parallel.broadcast_int(k + 1 if k == 0 or (self.probe_up and k < self.k_max) else k - 1)
 
+    def _worth_starting(self, st: DecodeState, rates: list[float], k: int) -> bool:
+        """From plain decoding, drafting first extends all that waited (at first the prompts): start when
+        depth k is `switch_on` times faster (the timings are noisy) and the time it is predicted to
+        save over the rest of the batch exceeds that extend. A fixed 1.1 alone kept the toy at k = 0
+        for 29% of its steps at batch 1, where k = 1 was predicted 1.13x and paid 1.04x."""
+        if rates[k] < self.switch_on * rates[0]:
+            return False
+        if st.remaining is None:
+            return True
+        b = len(st.tokens)
+        total = sum(n for n, a in zip(st.remaining, st.active) if a)
+        waiting = (self.pending[1].shape[1] if self.pending is not None else 0) + st.next_tokens.shape[1]
+        saved = total / rates[0] - total / rates[k]
+        return saved > self.cost.speed(b) * self.cost.extend(waiting, b)
+
     def _predict(self, st: DecodeState) -> list[float]:
         """Predicted tokens/s per depth 0..k_max for the active rows (`depth_rates`), kept for `_trace`."""
         rows = [r.means() for r, a in zip(self.rows, st.active) if a]
-        self.predicted = depth_rates(self.cost, len(st.tokens), rows, self.k_max)
+        left = None if st.remaining is None else [n for n, a in zip(st.remaining, st.active) if a]
+        self.predicted = depth_rates(self.cost, len(st.tokens), rows, self.k_max, left)
         return self.predicted
 
     def _trace(self, st: DecodeState, k: int) -> None:
@@ -293,7 +328,7 @@ class AutoMTPProposer(MTPProposer):
         rates = self.predicted if self.predicted is not None else self._predict(st)  # a subclass may choose alone
         best = max(range(1, self.k_max + 1), key=rates.__getitem__)
         ratio = rates[best] / rates[0] if rates[0] > 0 else 0.0
-        self.trace.append([k, round(ratio, 3), round(self.cost.excess(b, best) * 1e3, 3)])
+        self.trace.append([k, round(ratio, 3), round(self.cost.speed(b), 3), round(self.cost.factor(best, b), 3)])
 
     @torch.no_grad()
     def propose(self, st, sp):
@@ -338,6 +373,75 @@ class AutoMTPProposer(MTPProposer):
             return
         mtp = (self.cost.extend(width, b) if width else 0.0) + max(k - 1, 0) * self.cost.draft(b)
         self.cost.observe_step(k, b, seconds, mtp)
+
+
+class _Plain(Proposer):
+    """No drafts, as `auto` runs once drafting is off: every step after the first timed (`measure_steps`)."""
+
+    def reset(self, batch: int, max_len: int) -> None:
+        self.times, self.skip = [], True
+
+    def observe(self, st, steps, seconds):
+        if not self.skip:
+            self.times.append(seconds)
+        self.skip = False
+
+
+class _FixedDepth(AutoMTPProposer):
+    """`auto`'s step at one depth, every step, its steady steps timed (`measure_steps`)."""
+
+    def __init__(self, model, k: int, k_max: int, cost: CostModel):
+        super().__init__(model, k_max, cost=cost)
+        self.fixed, self.times = k, []
+
+    def choose(self, st: DecodeState) -> int:
+        return self.fixed
+
+    def observe(self, st, steps, seconds):  # steady: extends the k + 1 tokens the last step committed (k = 0: none)
+        if self.ran == (self.fixed, self.fixed + 1 if self.fixed else 0):
+            self.times.append(seconds)
+
+
+@torch.no_grad()
+def measure_steps(model, cost: CostModel, batches: Sequence[int], k_max: int, new: int = 12,
+                  prompt: int = 32, rounds: int = 4) -> CostModel:
+    """Time `auto`'s whole engine step at each depth 0..k_max and batch size (greedy, random prompts)
+    into `cost.step_table`, which the chooser then reads instead of the sum of the forwards, and the
+    step with drafting off into `cost.off_table`, the price of plain decoding. The sum
+    missed what the engine adds and what the forwards do to each other (toy model, batch 4, a 128-token
+    cache: verify(1) 8.3 ms where a whole plain step took 7.3, hot in cache; verify(2) + extend(2) 11.3
+    where a k = 1 step took 12.6), so auto saw k = 1 at 1.2x plain decoding where it measured 0.88x.
+    Depths take turns within a round; the first round pays first calls (compilation) and is dropped.
+    Each depth is timed against the step with drafting off of its own round (the median over rounds of
+    that ratio, times the median step with drafting off), so that a machine that slows for a few
+    seconds moves one round's ratio, not the table: on a busy CPU one such table had SmolLM2's
+    drafting steps at batch 2 about 3x their price, and `auto` never drafted at batch 2."""
+    from mtp_spec.decoding.engine import Engine
+
+    g = torch.Generator().manual_seed(0)
+    prompt = max(1, min(prompt, model.max_len - new - k_max - 2))
+    mid = lambda t: sorted(t)[len(t) // 2]
+    ratios: dict[tuple[int, int], list[float]] = {}
+    off: dict[tuple[int, int], list[float]] = {}
+    for rnd in range(rounds):
+        for b in batches:
+            prompts = torch.randint(0, model.args.vocab_size, (b, prompt), generator=g).tolist()
+            times = {}
+            for k in range(-1, k_max + 1):  # -1: drafting off
+                prop = _Plain() if k < 0 else _FixedDepth(model, k, k_max, cost)
+                Engine(model, prop).generate(prompts, new)
+                if prop.times:
+                    times[k] = mid(prop.times)
+            if rnd == 0 or -1 not in times:
+                continue
+            off.setdefault((1, b), []).append(times[-1])
+            for k in range(k_max + 1):
+                if k in times:
+                    ratios.setdefault((k + 1, b), []).append(times[k] / times[-1])
+    cost.off_table = Table({key: mid(t) for key, t in off.items()})
+    cost.step_table = Table({(n, b): mid(r) * cost.off_table(1, b) for (n, b), r in ratios.items()})
+    smooth(cost.step_table)
+    return cost
 
 
 class MTPNGramProposer(MTPProposer):

@@ -3,6 +3,8 @@ the benchmarks build proposers here, so a new strategy is registered in one plac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from mtp_spec.decoding import proposers as P
@@ -28,10 +30,10 @@ def peer_generate(hf, prompt: list[int], max_new: int, eos_id: int | None, looku
 
 def make_proposer(strategy: str, model, k: int | str, tree_width: int = 2, draft=None, ngram_max: int = 3,
                   sample_drafts: bool = True, compile: str = "off", k_max: int = AUTO_K_MAX,
-                  cost: CostModel | None = None) -> P.Proposer:
+                  cost: CostModel | None = None, batches: Sequence[int] = (1, 4)) -> P.Proposer:
     """`draft` is a loaded draft model (a Transformer) or a checkpoint directory for `draft-model`.
     k="auto" (mtp only): the depth 0..k_max is chosen before every step from acceptance and `cost`
-    (a CostModel; None: measured on the model now), starting from the acceptance recorded beside the
+    (a CostModel; None: measured on the model now, at `batches`), starting from the acceptance recorded beside the
     model's weights (`acceptance.json`), if any."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
@@ -43,7 +45,7 @@ def make_proposer(strategy: str, model, k: int | str, tree_width: int = 2, draft
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
         prior = load_prior(getattr(model, "source", None))
-        return P.AutoMTPProposer(model, k_max, cost=cost, prior=prior, sample_drafts=sample_drafts)
+        return P.AutoMTPProposer(model, k_max, cost=cost, prior=prior, sample_drafts=sample_drafts, batches=batches)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"--k must be >= 1 or 'auto', got {k!r}")
     if strategy == "mtp":

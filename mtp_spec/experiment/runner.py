@@ -120,9 +120,11 @@ class Runner:
             # acceptance prior learns from every request it serves (reset() starts each batch)
             if cell.draft_vocab not in self.auto:  # measured at the run's batch sizes, not extrapolated
                 from mtp_spec.decoding.cost import measure
+                from mtp_spec.decoding.proposers import measure_steps
 
-                cost = measure(self.model, sorted(set(self.exp.sweep.batch_size)), range(1, AUTO_K_MAX + 2),
-                               max_len=min(256, self.model.max_len))
+                batches = sorted(set(self.exp.sweep.batch_size))
+                cost = measure(self.model, batches, range(1, AUTO_K_MAX + 2), max_len=min(256, self.model.max_len))
+                measure_steps(self.model, cost, batches, AUTO_K_MAX)
                 self.auto[cell.draft_vocab] = make_proposer(cell.strategy, self.model, "auto", cost=cost)
             return self.auto[cell.draft_vocab]
         return make_proposer(cell.strategy, self.model, cell.k, cell.tree_width, self.draft,
@@ -464,6 +466,7 @@ def _record(cell: Cell, prompt: dict, r, wall: float, batch_tokens: int, runner:
         "batch_tokens_per_s": batch_tokens / wall if wall > 0 else 0.0, "lossless": None, "lossy": r.lossy,
         "device": runner.exp.device, "dtype": runner.exp.dtype,
         # k=auto: the batch's chooser per step, [k chosen (-1: drafting off for the batch), predicted
-        # tokens/s of the best depth > 0 over plain decoding's, that depth's excess in ms]
+        # tokens/s of the best depth > 0 over plain decoding's, the machine's pace (step times over the
+        # cost table's), that depth's step time over its table time (the pace and its own ratio)]
         "auto_trace": runner.trace if cell.k == "auto" else None,
     }
