@@ -15,7 +15,7 @@ tokens per step (the bonus or correction token included). Rows that finished sta
 step costs step_time(k, b) for the whole batch while only the active rows emit.
 
 The forwards' sum misses what the engine adds around them and what they do to each other's caches,
-so `auto` reads whole engine steps where they were timed (`proposers.measure_steps`): `step_table`,
+so `auto` reads whole engine steps where they were timed (`timing.measure_steps`): `step_table`,
 points (k + 1, b), and `off_table`, the step with drafting off, which prices k = 0 (what a batch gets
 by stopping; a plain step that keeps the MTP layer ready costs 1.07-1.22x that on the toy).
 
@@ -122,7 +122,7 @@ class CostModel:
     verify_table: Table = field(default_factory=Table)
     draft_table: Table = field(default_factory=Table)  # n = 1 only
     extend_table: Table | None = None
-    # the engine's whole step of depth k at batch b, points (k + 1, b) (`proposers.measure_steps`)
+    # the engine's whole step of depth k at batch b, points (k + 1, b) (`timing.measure_steps`)
     step_table: Table | None = None
     # the engine's step once drafting is off (vanilla's: no MTP layer, no hidden states handed over), (1, b)
     off_table: Table | None = None

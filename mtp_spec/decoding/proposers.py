@@ -20,11 +20,9 @@ from mtp_spec.decoding.cost import (
     DEFAULT_PRIOR,
     Acceptance,
     CostModel,
-    Table,
     best_depth,
     depth_rates,
     measure,
-    smooth,
 )
 from mtp_spec.decoding.sampling import SamplingParams, probs
 from mtp_spec.decoding.verify import DraftBatch, Drafts, sample_rows, tree_of
@@ -214,12 +212,13 @@ class AutoMTPProposer(MTPProposer):
     1.07-1.22x the price of decoding with drafting off, in a third of its batches). From then on the batch
     decodes plainly (pending pairs dropped, no extend, no probe, no hidden states handed over); rows
     that finish only make speculation pay less. The next batch starts afresh.
-    `cost`: a CostModel (e.g. CostModel.load, or `measure` then `measure_steps`), used as given and
-    refreshed online; None: measured now, at `batches` (other batch sizes are interpolated)."""
+    `cost`: a CostModel (e.g. CostModel.load, or `measure` then `timing.measure_steps`: what
+    `strategies.make_proposer` builds), used as given and refreshed online; None: its forwards
+    measured now (no whole steps: the engine's timing lives above this module)."""
 
     def __init__(self, model, k_max: int = 4, cost: CostModel | None = None, prior: Sequence[float] | None = None,
                  sample_drafts: bool = True, probe_every: int = 16, margin: float = 0.9, max_probes: int = 1,
-                 switch_on: float = 1.03, batches: Sequence[int] = (1, 4)):
+                 switch_on: float = 1.03):
         super().__init__(model, k_max, sample_drafts)
         prior = [DEFAULT_PRIOR] * k_max if prior is None else list(prior)
         if not prior or not all(0 <= p <= 1 for p in prior):
@@ -232,10 +231,8 @@ class AutoMTPProposer(MTPProposer):
         self.off = False  # speculation turned off for the rest of the batch (reset() starts each batch on)
         self.prior = (prior + [prior[-1]] * k_max)[:k_max]
         self.record = Acceptance(self.prior)  # every request served so far
-        if cost is None:
-            cost = measure(model, batches, range(1, k_max + 2), max_len=min(256, model.max_len))
-            measure_steps(model, cost, batches, k_max)
-        self.cost = cost
+        self.cost = cost if cost is not None else measure(model, (1, 4), range(1, k_max + 2),
+                                                          max_len=min(256, model.max_len))
         self.depth = 0
         # step shapes (k, extend width, batch) timed once already: the first run of one pays its warm-up
         # (compilation, first allocations) and is not timed. Kept across batches: a probe of a depth is
@@ -373,75 +370,6 @@ class AutoMTPProposer(MTPProposer):
             return
         mtp = (self.cost.extend(width, b) if width else 0.0) + max(k - 1, 0) * self.cost.draft(b)
         self.cost.observe_step(k, b, seconds, mtp)
-
-
-class _Plain(Proposer):
-    """No drafts, as `auto` runs once drafting is off: every step after the first timed (`measure_steps`)."""
-
-    def reset(self, batch: int, max_len: int) -> None:
-        self.times, self.skip = [], True
-
-    def observe(self, st, steps, seconds):
-        if not self.skip:
-            self.times.append(seconds)
-        self.skip = False
-
-
-class _FixedDepth(AutoMTPProposer):
-    """`auto`'s step at one depth, every step, its steady steps timed (`measure_steps`)."""
-
-    def __init__(self, model, k: int, k_max: int, cost: CostModel):
-        super().__init__(model, k_max, cost=cost)
-        self.fixed, self.times = k, []
-
-    def choose(self, st: DecodeState) -> int:
-        return self.fixed
-
-    def observe(self, st, steps, seconds):  # steady: extends the k + 1 tokens the last step committed (k = 0: none)
-        if self.ran == (self.fixed, self.fixed + 1 if self.fixed else 0):
-            self.times.append(seconds)
-
-
-@torch.no_grad()
-def measure_steps(model, cost: CostModel, batches: Sequence[int], k_max: int, new: int = 12,
-                  prompt: int = 32, rounds: int = 4) -> CostModel:
-    """Time `auto`'s whole engine step at each depth 0..k_max and batch size (greedy, random prompts)
-    into `cost.step_table`, which the chooser then reads instead of the sum of the forwards, and the
-    step with drafting off into `cost.off_table`, the price of plain decoding. The sum
-    missed what the engine adds and what the forwards do to each other (toy model, batch 4, a 128-token
-    cache: verify(1) 8.3 ms where a whole plain step took 7.3, hot in cache; verify(2) + extend(2) 11.3
-    where a k = 1 step took 12.6), so auto saw k = 1 at 1.2x plain decoding where it measured 0.88x.
-    Depths take turns within a round; the first round pays first calls (compilation) and is dropped.
-    Each depth is timed against the step with drafting off of its own round (the median over rounds of
-    that ratio, times the median step with drafting off), so that a machine that slows for a few
-    seconds moves one round's ratio, not the table: on a busy CPU one such table had SmolLM2's
-    drafting steps at batch 2 about 3x their price, and `auto` never drafted at batch 2."""
-    from mtp_spec.decoding.engine import Engine
-
-    g = torch.Generator().manual_seed(0)
-    prompt = max(1, min(prompt, model.max_len - new - k_max - 2))
-    mid = lambda t: sorted(t)[len(t) // 2]
-    ratios: dict[tuple[int, int], list[float]] = {}
-    off: dict[tuple[int, int], list[float]] = {}
-    for rnd in range(rounds):
-        for b in batches:
-            prompts = torch.randint(0, model.args.vocab_size, (b, prompt), generator=g).tolist()
-            times = {}
-            for k in range(-1, k_max + 1):  # -1: drafting off
-                prop = _Plain() if k < 0 else _FixedDepth(model, k, k_max, cost)
-                Engine(model, prop).generate(prompts, new)
-                if prop.times:
-                    times[k] = mid(prop.times)
-            if rnd == 0 or -1 not in times:
-                continue
-            off.setdefault((1, b), []).append(times[-1])
-            for k in range(k_max + 1):
-                if k in times:
-                    ratios.setdefault((k + 1, b), []).append(times[k] / times[-1])
-    cost.off_table = Table({key: mid(t) for key, t in off.items()})
-    cost.step_table = Table({(n, b): mid(r) * cost.off_table(1, b) for (n, b), r in ratios.items()})
-    smooth(cost.step_table)
-    return cost
 
 
 class MTPNGramProposer(MTPProposer):

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from mtp_spec.decoding import proposers as P
-from mtp_spec.decoding.cost import CostModel, load_prior
+from mtp_spec.decoding.cost import CostModel, load_prior, measure
+from mtp_spec.decoding.timing import measure_steps
 
 STRATEGIES = ("vanilla", "mtp", "mtp-tree", "mtp-ngram", "ngram", "draft-model")
 MTP_DRAFTERS = ("mtp", "mtp-tree", "mtp-ngram")  # the strategies that draft with the MTP layer
@@ -45,7 +46,10 @@ def make_proposer(strategy: str, model, k: int | str, tree_width: int = 2, draft
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
         prior = load_prior(getattr(model, "source", None))
-        return P.AutoMTPProposer(model, k_max, cost=cost, prior=prior, sample_drafts=sample_drafts, batches=batches)
+        if cost is None:
+            cost = measure(model, batches, range(1, k_max + 2), max_len=min(256, model.max_len))
+            measure_steps(model, cost, batches, k_max)
+        return P.AutoMTPProposer(model, k_max, cost=cost, prior=prior, sample_drafts=sample_drafts)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"--k must be >= 1 or 'auto', got {k!r}")
     if strategy == "mtp":

@@ -120,7 +120,7 @@ class Runner:
             # acceptance prior learns from every request it serves (reset() starts each batch)
             if cell.draft_vocab not in self.auto:  # measured at the run's batch sizes, not extrapolated
                 from mtp_spec.decoding.cost import measure
-                from mtp_spec.decoding.proposers import measure_steps
+                from mtp_spec.decoding.timing import measure_steps
 
                 batches = sorted(set(self.exp.sweep.batch_size))
                 cost = measure(self.model, batches, range(1, AUTO_K_MAX + 2), max_len=min(256, self.model.max_len))
