@@ -111,7 +111,7 @@ class Runner:
                               part="main", max_len=self.model.max_len, compile=exp.compile)
 
     def proposer(self, cell: Cell):
-        from mtp_spec.decoding.strategies import AUTO_K_MAX, make_proposer
+        from mtp_spec.decoding.strategies import make_proposer
 
         spec = next((s for s in self.exp.strategies if s.name == cell.strategy), None)
         if self.heads is not None and cell.strategy in schema.MTP_DRAFTERS:
@@ -119,13 +119,8 @@ class Runner:
         if cell.k == "auto":  # one per draft vocabulary: its cost table is measured once, and its
             # acceptance prior learns from every request it serves (reset() starts each batch)
             if cell.draft_vocab not in self.auto:  # measured at the run's batch sizes, not extrapolated
-                from mtp_spec.decoding.cost import measure
-                from mtp_spec.decoding.timing import measure_steps
-
-                batches = sorted(set(self.exp.sweep.batch_size))
-                cost = measure(self.model, batches, range(1, AUTO_K_MAX + 2), max_len=min(256, self.model.max_len))
-                measure_steps(self.model, cost, batches, AUTO_K_MAX)
-                self.auto[cell.draft_vocab] = make_proposer(cell.strategy, self.model, "auto", cost=cost)
+                self.auto[cell.draft_vocab] = make_proposer(cell.strategy, self.model, "auto",
+                                                            batches=sorted(set(self.exp.sweep.batch_size)))
             return self.auto[cell.draft_vocab]
         return make_proposer(cell.strategy, self.model, cell.k, cell.tree_width, self.draft,
                              spec.ngram_max if spec else 3)
@@ -467,6 +462,6 @@ def _record(cell: Cell, prompt: dict, r, wall: float, batch_tokens: int, runner:
         "device": runner.exp.device, "dtype": runner.exp.dtype,
         # k=auto: the batch's chooser per step, [k chosen (-1: drafting off for the batch), predicted
         # tokens/s of the best depth > 0 over plain decoding's, the machine's pace (step times over the
-        # cost table's), that depth's step time over its table time (the pace and its own ratio)]
+        # cost table's), that depth's step time over its table time (its own ratio, else the pace)]
         "auto_trace": runner.trace if cell.k == "auto" else None,
     }
