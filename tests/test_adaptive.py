@@ -205,6 +205,34 @@ def test_the_chooser_reads_the_engines_whole_steps_where_they_were_timed(model):
     assert not c.paces and not c.owns  # timing the depths teaches the chooser nothing of a run
 
 
+def test_a_step_with_drafting_off_is_measured_against_the_table_that_prices_it():
+    """Plain decoding is priced by `off_table`; a step with drafting off that took what that table
+    says must leave plain decoding's price where it was. Measured against the plain step that keeps
+    the MTP layer ready (1.1 here), it read 0.91 and priced plain decoding 9% low for the next batch."""
+    c = fake_cost()
+    c.online = True
+    c.step_table = Table({(1, 1): 1.1, (2, 1): 1.5})
+    c.off_table = Table({(1, 1): 1.0})
+    for _ in range(9):
+        c.observe_step(0, 1, seconds=1.0, mtp_seconds=0.0, off=True)
+    assert c.speed(1) == pytest.approx(1.0) and c.step_time(0, 1) == pytest.approx(1.0)
+    c.forget()
+    assert c.step_time(0, 1) == pytest.approx(1.0) and c.step_time(1, 1) == pytest.approx(1.5)
+    for _ in range(9):  # the same steps taken for plain steps that keep the MTP layer ready: the flaw
+        c.observe_step(0, 1, seconds=1.0, mtp_seconds=0.0)
+    assert c.step_time(0, 1) == pytest.approx(1.0 / 1.1)
+
+
+def test_auto_reports_its_steps_with_drafting_off_as_such(model, monkeypatch):
+    """Once a batch turned drafting off, its timed steps reach the cost model flagged `off`."""
+    prop = AutoMTPProposer(model, 2, cost=fake_cost(verify=lambda n, b: 1.0 + n, draft=lambda b: 5.0), prior=[0.05])
+    seen = []
+    monkeypatch.setattr(prop.cost, "observe_step", lambda k, b, s, m, off=False: seen.append((k, off)))
+    res = Engine(model, prop).generate([[5, 9, 200, 31]], 12)
+    assert prop.off and res[0].metrics.steps_per_k[0] == sum(res[0].metrics.steps_per_k)
+    assert seen and all(k == 0 and off for k, off in seen)
+
+
 def test_a_batch_is_worth_what_its_slowest_row_gets():
     """A batch returns when its last row is done: one row that drafts badly decides, however well the
     others draft; and a row's last token takes a step at any depth."""
@@ -241,7 +269,7 @@ def test_auto_times_a_shape_seen_in_an_earlier_batch(model, monkeypatch):
     proposer, not per batch: a depth run on probes alone (one or two a batch) is measured too."""
     prop = Forced(model, [1, 2, 0])
     timed = []
-    monkeypatch.setattr(prop.cost, "observe_step", lambda k, b, s, m: timed.append(k))
+    monkeypatch.setattr(prop.cost, "observe_step", lambda k, b, s, m, off=False: timed.append(k))
     counts = []
     for _ in range(2):  # the same batch twice: greedy, the same depths, the same shapes
         timed.clear()

@@ -185,12 +185,18 @@ class CostModel:
         """Predicted throughput of a batch of b rows, `active` of them emitting (default all), all at p."""
         return (b if active is None else active) * expected_tokens(p, k) / self.step_time(k, b)
 
-    def observe_step(self, k: int, b: int, seconds: float, mtp_seconds: float) -> None:
+    def observe_step(self, k: int, b: int, seconds: float, mtp_seconds: float, off: bool = False) -> None:
         """One step of depth k at batch b took `seconds`, `mtp_seconds` of them (by the table) in the
-        MTP layer: its ratio to the table refreshes the pace at b and its depth's own ratio."""
+        MTP layer: its ratio to the table refreshes the pace at b and its depth's own ratio. `off`: a
+        step with drafting off (k = 0), measured against `off_table`, the table that prices it: against
+        the plain step that keeps the MTP layer ready (5-10% dearer), a batch that had turned drafting
+        off left plain decoding priced that much low for the next one."""
         if not self.online:
             return
-        ratio = seconds / self.table_time(k, b, mtp_seconds)
+        if off and self.off_table is not None:
+            ratio = seconds / self.off_table(1, b)
+        else:
+            ratio = seconds / self.table_time(k, b, mtp_seconds)
         self.owns.setdefault((k, b), deque(maxlen=OWN_WINDOW)).append(ratio)
         self.paces.setdefault(b, deque(maxlen=SPEED_WINDOW)).append(ratio)
 

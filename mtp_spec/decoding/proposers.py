@@ -254,7 +254,7 @@ class AutoMTPProposer(MTPProposer):
         self.rows = [Acceptance(prior) for _ in range(batch)]
         self.streak = (-1, 0)  # the depth chosen last and for how many steps in a row
         self.probe_up = False
-        self.ran: tuple[int, int] | None = None  # (k, extend width) of the step in flight; None: untimed
+        self.ran: tuple[int, int] | None = None  # (k, extend width) of the step in flight (k = -1: off); None: untimed
         self.off = False  # speculation turned off for the rest of this batch
         self.idle_probes = 0  # probes from depth 0 since the chooser last picked a depth > 0 itself
         # per step: [k (-1: off), best k > 0 / k = 0 predicted, the pace, the best depth's step over its table time]
@@ -287,8 +287,7 @@ class AutoMTPProposer(MTPProposer):
         # the prompts (a prefill of the MTP layer: at a large batch, many steps' time; at batch 1-2 of a
         # 135M model about one, and turning off there lost batches where k = 1 paid 1.2x)
         b = len(st.tokens)
-        waiting = self.pending[1].shape[1] if self.pending is not None else 0
-        costly = self.first and self.cost.extend(waiting, b) > self.prefill_steps * self.cost.verify(1, b)
+        costly = self.first and self.cost.extend(self._waiting(st), b) > self.prefill_steps * self.cost.verify(1, b)
         if k == 0 and (costly or far):
             return parallel.broadcast_int(-1)
         # a depth that never runs is never measured again: probe a neighbour, deeper and shallower in turn
@@ -307,9 +306,12 @@ class AutoMTPProposer(MTPProposer):
             return True
         b = len(st.tokens)
         total = sum(n for n, a in zip(st.remaining, st.active) if a)
-        waiting = (self.pending[1].shape[1] if self.pending is not None else 0) + st.next_tokens.shape[1]
         saved = total / rates[0] - total / rates[k]
-        return saved > self.cost.speed(b) * self.cost.extend(waiting, b)
+        return saved > self.cost.speed(b) * self.cost.extend(self._waiting(st), b)
+
+    def _waiting(self, st: DecodeState) -> int:
+        """Tokens per row the next draft extend covers: the pairs waiting and this step's newest."""
+        return (self.pending[1].shape[1] if self.pending is not None else 0) + st.next_tokens.shape[1]
 
     def _predict(self, st: DecodeState) -> list[float]:
         """Predicted tokens/s per depth 0..k_max for the active rows (`depth_rates`), kept for `_trace`."""
@@ -337,7 +339,7 @@ class AutoMTPProposer(MTPProposer):
             if self.off:
                 self.pending = None  # the MTP layer will not run again for this batch
         if self.off:
-            self.depth, self.ran = 0, (0, 0)
+            self.depth, self.ran = 0, (-1, 0)  # -1: a step with drafting off
             return None
         self.depth = k
         first = self.first
@@ -369,7 +371,7 @@ class AutoMTPProposer(MTPProposer):
             self.timed.add((k, width, b))
             return
         mtp = (self.cost.extend(width, b) if width else 0.0) + max(k - 1, 0) * self.cost.draft(b)
-        self.cost.observe_step(k, b, seconds, mtp)
+        self.cost.observe_step(max(k, 0), b, seconds, mtp, off=k < 0)
 
 
 class MTPNGramProposer(MTPProposer):
