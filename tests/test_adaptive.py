@@ -218,9 +218,27 @@ def test_a_step_with_drafting_off_is_measured_against_the_table_that_prices_it()
     assert c.speed(1) == pytest.approx(1.0) and c.step_time(0, 1) == pytest.approx(1.0)
     c.forget()
     assert c.step_time(0, 1) == pytest.approx(1.0) and c.step_time(1, 1) == pytest.approx(1.5)
-    for _ in range(9):  # the same steps taken for plain steps that keep the MTP layer ready: the flaw
+    # plain steps that keep the MTP layer ready, 0.91 of their table point (a warm-up point read high):
+    # they move the pace, and with it every depth alike; they do not price plain decoding apart
+    for _ in range(9):
         c.observe_step(0, 1, seconds=1.0, mtp_seconds=0.0)
-    assert c.step_time(0, 1) == pytest.approx(1.0 / 1.1)
+    assert c.step_time(0, 1) == pytest.approx(1.0 / 1.1) and c.step_time(1, 1) == pytest.approx(1.5 / 1.1)
+
+
+def test_a_depths_own_ratio_is_taken_against_the_pace_when_it_ran():
+    """k = 1's steps ran at the pace; then the batch decoded plainly while the machine got 30% faster.
+    With k = 1 priced by its own old ratios, drafting looked 30% dearer than plain decoding by then
+    (toy, batch 1: the predicted gain fell from 1.0 to 0.7 over 16 plain steps and the batch turned
+    drafting off); taken against the pace, its price moves with the machine."""
+    c = fake_cost(verify=lambda n, b: 1.0, draft=lambda b: 0.5)
+    c.online = True
+    c.step_table = Table({(1, 1): 1.0, (2, 1): 2.0})
+    for _ in range(12):
+        c.observe_step(1, 1, seconds=2.0, mtp_seconds=0.5)
+    assert c.factor(1, 1) == pytest.approx(1.0) and len(c.owns[(1, 1)]) == 5
+    for _ in range(9):
+        c.observe_step(0, 1, seconds=0.7, mtp_seconds=0.0)
+    assert c.speed(1) == pytest.approx(0.7) and c.step_time(1, 1) == pytest.approx(1.4)
 
 
 def test_auto_reports_its_steps_with_drafting_off_as_such(model, monkeypatch):

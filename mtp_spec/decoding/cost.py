@@ -24,21 +24,26 @@ measured range: below the smallest n or b the edge value holds (small steps are 
 weights, not cheaper); above the largest the last segment continues, never falling (one point: flat).
 
 Online the tables stay as measured; each timed step's ratio of what it took to what the tables say
-(`table_time`, the MTP parts it ran included) refreshes
+(`table_time`, the MTP parts it ran included; `off_table` for a step with drafting off) refreshes
   speed(b)       the pace at batch b: the median ratio of the last SPEED_WINDOW steps there, any
                  depth (ones standing in for steps not yet seen, up to a majority, so one or two slow
                  steps cannot decide; at a batch size not yet run: the pace of all recent steps)
-  factor(k, b)   depth k's: the median of its own last OWN_WINDOW ratios at b once it has a majority
-                 of them, else the pace
-  step_time(k, b) = factor(k, b) * table_time(k, b)      (k = 0: factor(0, b) * off_table)
+  factor(k, b)   the pace, times depth k's own offset once it has a majority of OWN_WINDOW steps:
+                 the median of its steps' ratios over the pace when each ran (k = -1: steps with
+                 drafting off, which price plain decoding)
+  step_time(k, b) = factor(k, b) * table_time(k, b)      (k = 0: factor(-1, b) * off_table)
 A depth with steps of its own is told apart from its neighbours by them (seen: k = 1 run on 97% of
 the steps at batch 1 while k = 2 paid 11% more, because the table's verify(3, 1) was a few ms high);
 one without (plain decoding while `auto` drafts, a depth never tried) follows the pace, so that a
 machine that changes speed moves it too (seen, with plain decoding refreshed by plain steps alone:
-its price stayed at the warm-up value and drafting looked 1.2-1.5x better than plain decoding where
-fixed k = 1 measured 0.88-1.03x). Ratios rather than an added excess: a machine's speed scales a
-step. `forget` pulls the own ratios halfway to the pace at each batch, so that one learned once (then
-never re-measured where it turned drafting off) is re-checked.
+its price stayed at the warm-up value and drafting looked 1.2-1.5x better than it was). Offsets are
+taken against the pace of their moment, not as ratios to the table, for the same reason the other
+way round: a batch decoding plainly at 0.7 of the table (the machine, or a warm-up point read high)
+kept k = 1 at its old ratio, the
+predicted gain of drafting fell from 1.0 to 0.7 in 16 steps and the batch turned drafting off (toy,
+batch 1). A step at a batch size whose pace is not yet its own sets no offset. `forget` pulls the
+offsets halfway to none at each batch, so that one learned once (then never re-measured where it
+turned drafting off) is re-checked.
 The engine does not time the MTP parts apart (that would need device syncs inside the step), so
 what they miss lands in the ratios.
 
@@ -128,7 +133,8 @@ class CostModel:
     off_table: Table | None = None
     online: bool = True  # refresh the pace and the own ratios from the engine's step times
     paces: dict[int, deque] = field(default_factory=dict)  # per batch size: the last steps' ratios to the table
-    owns: dict[tuple[int, int], deque] = field(default_factory=dict)  # per (depth, batch size): the same, its own steps
+    # per (depth, batch size), -1 for steps with drafting off: its own steps' ratios over the pace then
+    owns: dict[tuple[int, int], deque] = field(default_factory=dict)
 
     def verify(self, n: int, b: int) -> float:
         return self.verify_table(n, b)
@@ -161,16 +167,17 @@ class CostModel:
         return statistics.median(list(d) + [prior] * (need - len(d)))
 
     def factor(self, k: int, b: int) -> float:
-        """What a step of depth k at batch b takes now over what the table says: the median of depth
-        k's own last steps there once it has a majority of a window of them, else the pace."""
+        """What a step of depth k at batch b (-1: drafting off) takes now over what the table says: the
+        pace, times the median of depth k's own last steps over the pace when each ran, once it has a
+        majority of a window of them."""
         d = self.owns.get((k, b), ())
-        return statistics.median(d) if len(d) > OWN_WINDOW // 2 else self.speed(b)
+        return self.speed(b) * (statistics.median(d) if len(d) > OWN_WINDOW // 2 else 1.0)
 
     def forget(self, factor: float = 0.5) -> None:
         """Pull each depth's own ratios halfway to the pace: called per batch, so that one learned once
         (then never re-measured where it turned drafting off) is re-checked."""
-        self.owns = {(k, b): deque((self.speed(b) + (r - self.speed(b)) * factor for r in d), maxlen=d.maxlen)
-                     for (k, b), d in self.owns.items()}
+        self.owns = {key: deque((1.0 + (r - 1.0) * factor for r in d), maxlen=d.maxlen)
+                     for key, d in self.owns.items()}
 
     def step_time(self, k: int, b: int) -> float:
         """Seconds of a step of depth k at batch b now. k = 0 is priced as decoding with drafting off
@@ -178,7 +185,7 @@ class CostModel:
         MTP layer ready to draft again costs more (the toy: 1.07-1.22x of vanilla's step), a price of
         waiting to probe, not of plain decoding."""
         if k == 0 and self.off_table is not None:
-            return self.factor(0, b) * self.off_table(1, b)
+            return self.factor(-1, b) * self.off_table(1, b)
         return self.factor(k, b) * self.table_time(k, b)
 
     def tokens_per_s(self, p: Sequence[float], k: int, b: int, active: int | None = None) -> float:
@@ -194,10 +201,11 @@ class CostModel:
         if not self.online:
             return
         if off and self.off_table is not None:
-            ratio = seconds / self.off_table(1, b)
+            ratio, key = seconds / self.off_table(1, b), (-1, b)
         else:
-            ratio = seconds / self.table_time(k, b, mtp_seconds)
-        self.owns.setdefault((k, b), deque(maxlen=OWN_WINDOW)).append(ratio)
+            ratio, key = seconds / self.table_time(k, b, mtp_seconds), (k, b)
+        if len(self.paces.get(b, ())) > SPEED_WINDOW // 2:  # a pace of b's own steps to be set against
+            self.owns.setdefault(key, deque(maxlen=OWN_WINDOW)).append(ratio / self.speed(b))
         self.paces.setdefault(b, deque(maxlen=SPEED_WINDOW)).append(ratio)
 
     # --- JSON ---------------------------------------------------------------------------------------
