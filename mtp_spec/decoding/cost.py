@@ -28,22 +28,23 @@ Online the tables stay as measured; each timed step's ratio of what it took to w
   speed(b)       the pace at batch b: the median ratio of the last SPEED_WINDOW steps there, any
                  depth (ones standing in for steps not yet seen, up to a majority, so one or two slow
                  steps cannot decide; at a batch size not yet run: the pace of all recent steps)
-  factor(k, b)   the pace, times depth k's own offset once it has a majority of OWN_WINDOW steps:
-                 the median of its steps' ratios over the pace when each ran (k = -1: steps with
-                 drafting off, which price plain decoding)
+  factor(k, b)   depth k's: the median of its own last OWN_WINDOW ratios at b once it has a majority
+                 of them, else the pace (k = -1: steps with drafting off, which price plain decoding)
   step_time(k, b) = factor(k, b) * table_time(k, b)      (k = 0: factor(-1, b) * off_table)
 A depth with steps of its own is told apart from its neighbours by them (seen: k = 1 run on 97% of
 the steps at batch 1 while k = 2 paid 11% more, because the table's verify(3, 1) was a few ms high);
 one without (plain decoding while `auto` drafts, a depth never tried) follows the pace, so that a
 machine that changes speed moves it too (seen, with plain decoding refreshed by plain steps alone:
-its price stayed at the warm-up value and drafting looked 1.2-1.5x better than it was). Offsets are
-taken against the pace of their moment, not as ratios to the table, for the same reason the other
-way round: a batch decoding plainly at 0.7 of the table (the machine, or a warm-up point read high)
-kept k = 1 at its old ratio, the
-predicted gain of drafting fell from 1.0 to 0.7 in 16 steps and the batch turned drafting off (toy,
-batch 1). A step at a batch size whose pace is not yet its own sets no offset. `forget` pulls the
-offsets halfway to none at each batch, so that one learned once (then never re-measured where it
-turned drafting off) is re-checked.
+its price stayed at the warm-up value and drafting looked 1.2-1.5x better than it was). Ratios to
+the table rather than offsets from the pace of their moment: depths mostly run in different batches
+(drafting in one, off in the next), each then sets the pace of its own steps, and an offset from
+that pace learns nothing of the table's error between them (tried: the toy at batch 1 read k = 1 at
+0.99x plain decoding and ran it in 1 batch of 32 where it measured 1.11x). Plain steps that keep the
+MTP layer ready (k = 0 before drafting turns off) move the pace and their own ratio, not plain
+decoding's price: steps against one table point do not price another (seen: their ratio fell to
+0.7, priced plain decoding 30% low and turned batches off). `forget` pulls the own ratios halfway to
+the pace at each batch, so that one learned once (then never re-measured where it turned drafting
+off) is re-checked.
 The engine does not time the MTP parts apart (that would need device syncs inside the step), so
 what they miss lands in the ratios.
 
@@ -133,7 +134,7 @@ class CostModel:
     off_table: Table | None = None
     online: bool = True  # refresh the pace and the own ratios from the engine's step times
     paces: dict[int, deque] = field(default_factory=dict)  # per batch size: the last steps' ratios to the table
-    # per (depth, batch size), -1 for steps with drafting off: its own steps' ratios over the pace then
+    # per (depth, batch size), -1 for steps with drafting off: the same ratios, its own steps only
     owns: dict[tuple[int, int], deque] = field(default_factory=dict)
 
     def verify(self, n: int, b: int) -> float:
@@ -168,16 +169,16 @@ class CostModel:
 
     def factor(self, k: int, b: int) -> float:
         """What a step of depth k at batch b (-1: drafting off) takes now over what the table says: the
-        pace, times the median of depth k's own last steps over the pace when each ran, once it has a
-        majority of a window of them."""
+        median of depth k's own last steps there once it has a majority of a window of them, else the
+        pace."""
         d = self.owns.get((k, b), ())
-        return self.speed(b) * (statistics.median(d) if len(d) > OWN_WINDOW // 2 else 1.0)
+        return statistics.median(d) if len(d) > OWN_WINDOW // 2 else self.speed(b)
 
     def forget(self, factor: float = 0.5) -> None:
         """Pull each depth's own ratios halfway to the pace: called per batch, so that one learned once
         (then never re-measured where it turned drafting off) is re-checked."""
-        self.owns = {key: deque((1.0 + (r - 1.0) * factor for r in d), maxlen=d.maxlen)
-                     for key, d in self.owns.items()}
+        self.owns = {(k, b): deque((self.speed(b) + (r - self.speed(b)) * factor for r in d), maxlen=d.maxlen)
+                     for (k, b), d in self.owns.items()}
 
     def step_time(self, k: int, b: int) -> float:
         """Seconds of a step of depth k at batch b now. k = 0 is priced as decoding with drafting off
@@ -204,8 +205,7 @@ class CostModel:
             ratio, key = seconds / self.off_table(1, b), (-1, b)
         else:
             ratio, key = seconds / self.table_time(k, b, mtp_seconds), (k, b)
-        if len(self.paces.get(b, ())) > SPEED_WINDOW // 2:  # a pace of b's own steps to be set against
-            self.owns.setdefault(key, deque(maxlen=OWN_WINDOW)).append(ratio / self.speed(b))
+        self.owns.setdefault(key, deque(maxlen=OWN_WINDOW)).append(ratio)
         self.paces.setdefault(b, deque(maxlen=SPEED_WINDOW)).append(ratio)
 
     # --- JSON ---------------------------------------------------------------------------------------
